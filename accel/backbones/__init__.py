@@ -1,0 +1,5 @@
+"""Backbones: timm ViTs (plain or run with a token reducer) and pyramid models."""
+from accel.backbones.reduced_vit import ReducedViT, with_reducer
+from accel.backbones.vit import create_vit
+
+__all__ = ["create_vit", "ReducedViT", "with_reducer"]

@@ -1,0 +1,15 @@
+"""The one exception type for mistakes a user can make (bad paths, values, checkpoints)."""
+
+
+class UserInputError(ValueError):
+    """A value the user gave cannot be used. The message is one sentence naming the value and what
+    was expected; entry points print it without a traceback."""
+
+
+def one_line(exc: BaseException) -> str:
+    """The user-facing sentence of a UserInputError, also when a DataLoader worker re-raised it with
+    the worker's traceback folded into the message."""
+    text = str(exc).strip()
+    last = text.splitlines()[-1] if text else type(exc).__name__
+    marker = "UserInputError: "
+    return last.split(marker, 1)[1] if marker in last else last

@@ -1,0 +1,1 @@
+"""LightningDataModules: ImageFolder (ImageNet), the embedded digits set, synthetic tensors."""

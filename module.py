@@ -1,0 +1,154 @@
+"""The LightningModule: an image classifier trained with the DeiT recipe.
+
+Touvron et al., "Training data-efficient image transformers & distillation through attention",
+ICML 2021, Sec. 6 / Table 9: AdamW with no weight decay on norms, biases and embeddings; learning
+rate scaled by global batch / 512; per-iteration cosine schedule with linear warm-up; label
+smoothing; Mixup + CutMix; stochastic depth; optional EMA of the weights (evaluated too).
+The network is a backbone, optionally run through a token reducer (EViT, Evo-ViT, ToMe).
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Dict, Optional
+
+import pytorch_lightning as pl
+import torch
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.utils.model_ema import ModelEmaV3
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from accel.backbones.reduced_vit import ReducedViT
+from accel.reducers.base import TokenReducer
+
+
+class ImageClassifier(pl.LightningModule):
+    """Backbone (+ optional token reducer) trained as a classifier with the DeiT recipe.
+
+    ``optimizer`` and ``scheduler`` are partials from Hydra (``_partial_: true``): the optimizer is
+    called with ``(net, lr=scaled_lr)``; the scheduler with ``(optimizer, t_initial=total_steps,
+    warmup_t=warmup_steps)`` and is stepped every iteration.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        reducer: Optional[TokenReducer] = None,
+        num_classes: int = 1000,
+        batch_size: int = 128,
+        optimizer: Optional[Callable[..., torch.optim.Optimizer]] = None,
+        scheduler: Optional[Callable[..., Any]] = None,
+        lr: float = 5e-4,
+        lr_base_batch: int = 512,
+        warmup_epochs: float = 5.0,
+        smoothing: float = 0.1,
+        mixup: Optional[Dict[str, Any]] = None,
+        ema_decay: Optional[float] = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["backbone", "reducer", "optimizer", "scheduler"])
+        self.net = ReducedViT(backbone, reducer) if reducer is not None else backbone
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        mixup = dict(mixup or {})
+        active = mixup.get("mixup_alpha", 0) > 0 or mixup.get("cutmix_alpha", 0) > 0
+        self.mixup = Mixup(label_smoothing=smoothing, num_classes=num_classes, **mixup) if active else None
+        if self.mixup is not None:
+            self.criterion: nn.Module = SoftTargetCrossEntropy()
+        elif smoothing > 0:
+            self.criterion = LabelSmoothingCrossEntropy(smoothing)
+        else:
+            self.criterion = nn.CrossEntropyLoss()
+        self.ema = ModelEmaV3(self.net, decay=ema_decay) if ema_decay else None
+        top5 = min(5, num_classes)
+        self.metrics = nn.ModuleDict({
+            f"{prefix}_{name}": MulticlassAccuracy(num_classes, top_k=k, average="micro")
+            for prefix in ("val", "test", "val_ema", "test_ema") for name, k in (("acc1", 1), ("acc5", top5))
+        })
+        self._epoch_start = 0.0
+        self._epoch_images = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    # --- training ---------------------------------------------------------------------------
+    def loss(self, outputs, targets: torch.Tensor) -> torch.Tensor:
+        """Criterion on the logits; a model with several training heads (Evo-ViT's auxiliary
+        [CLS] head) gets the mean of the per-head losses."""
+        if isinstance(outputs, (tuple, list)):
+            return sum(self.criterion(o, targets) for o in outputs) / len(outputs)
+        return self.criterion(outputs, targets)
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        images, targets = batch
+        if self.mixup is not None:
+            images, targets = self.mixup(images, targets)
+        loss = self.loss(self.net(images), targets)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"Loss is {loss.item()} at step {self.global_step}; lower the learning rate "
+                                     "or enable gradient clipping (trainer.gradient_clip_val).")
+        self._epoch_images += images.shape[0]
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=images.shape[0])
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.ema is not None and (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0:
+            self.ema.update(self.net, step=self.global_step)
+
+    def on_train_epoch_start(self) -> None:
+        self._epoch_start, self._epoch_images = time.perf_counter(), 0
+
+    def on_train_epoch_end(self) -> None:
+        seconds = max(time.perf_counter() - self._epoch_start, 1e-9)
+        # Summed over processes: images per second of the whole job.
+        self.log("train/images_per_sec", self._epoch_images / seconds, reduce_fx="sum", sync_dist=True)
+
+    # --- evaluation --------------------------------------------------------------------------
+    def _evaluate(self, stage: str, batch) -> None:
+        images, targets = batch
+        logits = self.net(images)
+        self.log(f"{stage}/loss", nn.functional.cross_entropy(logits, targets), sync_dist=True,
+                 prog_bar=stage == "val", batch_size=images.shape[0])
+        nets = [("", logits)]
+        if self.ema is not None:
+            nets.append(("_ema", self.ema.module(images)))
+        for suffix, out in nets:
+            for name in ("acc1", "acc5"):
+                metric = self.metrics[f"{stage}{suffix}_{name}"]
+                metric(out, targets)
+                self.log(f"{stage}/{suffix.lstrip('_') + '_' if suffix else ''}{name}", metric,
+                         prog_bar=name == "acc1", batch_size=images.shape[0])
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._evaluate("val", batch)
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._evaluate("test", batch)
+
+    # --- optimisation ------------------------------------------------------------------------
+    def scaled_lr(self) -> float:
+        """DeiT's linear scaling rule: lr × global batch / ``lr_base_batch``."""
+        hp = self.hparams
+        world = self.trainer.world_size if self._trainer is not None else 1
+        accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
+        return hp.lr * hp.batch_size * world * accumulate / hp.lr_base_batch
+
+    def configure_optimizers(self):
+        lr = self.scaled_lr()
+        if self.optimizer_factory is None:
+            from timm.optim import create_optimizer_v2
+            optimizer = create_optimizer_v2(self.net, opt="adamw", lr=lr, weight_decay=0.05)
+        else:
+            optimizer = self.optimizer_factory(self.net, lr=lr)
+        if self.scheduler_factory is None:
+            return optimizer
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
+        warmup = int(round(self.hparams.warmup_epochs * total / epochs))
+        scheduler = self.scheduler_factory(optimizer, t_initial=total, warmup_t=min(warmup, total - 1))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def lr_scheduler_step(self, scheduler, metric) -> None:
+        # timm schedulers are stepped with the number of updates done so far.
+        scheduler.step_update(num_updates=self.global_step)
