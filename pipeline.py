@@ -49,6 +49,12 @@ def print_config_tree(cfg: DictConfig, save_dir: Optional[str] = None) -> None:
             Console(file=f, width=120).print(tree)
 
 
+def resolved_without_hydra(cfg: DictConfig) -> Dict[str, Any]:
+    """The run's config as plain containers (for loggers), without Hydra's own node."""
+    return {k: OmegaConf.to_container(v, resolve=True) if isinstance(v, DictConfig) else v
+            for k, v in cfg.items() if k != "hydra"}
+
+
 def instantiate_list(section: Optional[DictConfig]) -> List[Any]:
     """Instantiate every entry with a ``_target_`` (callbacks, loggers)."""
     if not section:
@@ -89,7 +95,7 @@ def run(cfg: DictConfig) -> Dict[str, float]:
     if trainer.global_rank == 0:
         print_config_tree(cfg, cfg.paths.output_dir)
     for lg in trainer.loggers:
-        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        lg.log_hyperparams(resolved_without_hydra(cfg))
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path:
         check_checkpoint_fits(ckpt_path, module)

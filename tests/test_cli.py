@@ -1,0 +1,81 @@
+"""train.py as a user runs it: bad input gives one sentence and exit code 2; multirun; DDP."""
+import glob
+import os
+
+import pytest
+import torch
+
+from conftest import FAST, run_train, write_jpeg_folder
+
+OUT = lambda tmp: [f"paths.log_dir={tmp}"]  # noqa: E731
+
+
+def assert_one_sentence(proc, *fragments):
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    err = proc.stderr.strip().splitlines()
+    assert err[-1].startswith("error: "), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    for f in fragments:
+        assert f in err[-1]
+
+
+@pytest.mark.parametrize("value", ["0", "1.5", "-0.2"])
+def test_keep_rate_outside_unit_interval(tmp_path, value):
+    proc = run_train([f"keep_rate={value}", *OUT(tmp_path)])
+    assert_one_sentence(proc, f"keep_rate={float(value)!r} is outside (0, 1]")
+
+
+def test_missing_ckpt_path(tmp_path):
+    proc = run_train(["ckpt_path=/no/such/last.ckpt", *OUT(tmp_path)])
+    assert_one_sentence(proc, "ckpt_path='/no/such/last.ckpt' does not exist")
+
+
+def test_missing_data_root(tmp_path):
+    proc = run_train(["data=imagenet", "data.root=/no/such/imagenet", *OUT(tmp_path)])
+    assert_one_sentence(proc, "data.root='/no/such/imagenet' is not a directory")
+
+
+def test_corrupt_image_stops_training_naming_the_file(tmp_path):
+    root = write_jpeg_folder(tmp_path / "in", per_class=4, size=(64, 64))
+    bad = os.path.join(root, "train", "class0", "2.JPEG")
+    open(bad, "wb").write(b"not a jpeg")
+    proc = run_train(["data=imagenet", f"data.root={root}", "data.num_classes=2", "data.image_size=32",
+                      "data.batch_size=2", "data.num_workers=1", "model=vit_digits", *FAST, "trainer.max_epochs=1",
+                      *OUT(tmp_path)])
+    assert_one_sentence(proc, "class0/2.JPEG could not be decoded")
+
+
+def test_checkpoint_of_another_model_names_the_mismatch(tmp_path):
+    proc = run_train([*FAST, "debug=limit", "trainer.max_epochs=1", "test=false", *OUT(tmp_path / "a")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = glob.glob(str(tmp_path / "a" / "train" / "runs" / "*" / "checkpoints" / "last.ckpt"))[0]
+    before = os.path.getmtime(ckpt)
+    proc = run_train([*FAST, "++model.embed_dim=32", f"ckpt_path={ckpt}", *OUT(tmp_path / "b")])
+    assert_one_sentence(proc, f"ckpt_path='{ckpt}' does not fit the configured model", "has shape")
+    assert os.path.getmtime(ckpt) == before, "the checkpoint is left as it was"
+
+
+def test_multirun_gives_each_job_its_own_directory(tmp_path):
+    proc = run_train(["-m", "model=deit_t,deit_s", "data=synthetic", "trainer.max_steps=2", "data.image_size=32",
+                      "data.batch_size=4", "data.num_classes=5", "trainer.limit_val_batches=1",
+                      "trainer.limit_test_batches=1", "callbacks.rich_progress_bar=null", *OUT(tmp_path)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = sorted(glob.glob(str(tmp_path / "train" / "multiruns" / "*" / "[0-9]")))
+    assert [os.path.basename(j) for j in jobs] == ["0", "1"]
+    names = []
+    for job in jobs:
+        assert os.path.isfile(os.path.join(job, "checkpoints", "last.ckpt"))
+        assert os.path.isfile(os.path.join(job, "csv", "metrics.csv"))
+        names.append(open(os.path.join(job, ".hydra", "overrides.yaml")).read())
+    assert "model=deit_t" in names[0] and "model=deit_s" in names[1]
+
+
+def test_ddp_sim_trains_with_two_processes(tmp_path):
+    proc = run_train(["trainer=ddp_sim", *FAST, "debug=limit", "data.batch_size=16", *OUT(tmp_path)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = glob.glob(str(tmp_path / "train" / "runs" / "*"))[0]
+    ckpt = torch.load(os.path.join(run_dir, "checkpoints", "last.ckpt"), map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 6  # 2 epochs × 3 batches per process
+    rows = open(os.path.join(run_dir, "csv", "metrics.csv")).read().splitlines()
+    val_rows = [r for r in rows[1:] if r.split(",")[rows[0].split(",").index("val/acc1")]]
+    assert len(val_rows) == 2, "validation is logged once per epoch, not once per process"

@@ -1,0 +1,91 @@
+"""Training through pipeline.run: fits, resumes, evaluates, schedules, EMA."""
+import csv
+import glob
+import os
+
+import pytest
+import torch
+
+from conftest import FAST, make_cfg
+from pipeline import run
+
+
+def read_metrics(out_dir):
+    rows = list(csv.DictReader(open(os.path.join(out_dir, "csv", "metrics.csv"))))
+    return rows
+
+
+def test_fast_dev_run_on_digits(tmp_path):
+    metrics = run(make_cfg(tmp_path, ["debug=fdr", *FAST]))
+    assert 0.0 <= metrics["test/acc1"] <= 1.0
+    assert os.path.isfile(tmp_path / "config_tree.log")
+
+
+def test_fast_dev_run_on_synthetic(tmp_path):
+    metrics = run(make_cfg(tmp_path, ["debug=fdr", "data=synthetic", "data.image_size=32", "data.num_classes=5",
+                                      "model=deit_t", *FAST]))
+    assert "test/acc1" in metrics
+
+
+def test_short_run_learns_digits_and_logs_throughput(tmp_path):
+    cfg = make_cfg(tmp_path, [*FAST, "trainer.max_epochs=3", "trainer.limit_train_batches=10"])
+    metrics = run(cfg)
+    # 10 classes: chance is 0.1; three short epochs of the digits recipe get well beyond it.
+    assert metrics["test/acc1"] > 0.3
+    rows = read_metrics(tmp_path)
+    speeds = [float(r["train/images_per_sec"]) for r in rows if r.get("train/images_per_sec")]
+    assert len(speeds) == 3 and min(speeds) > 0
+    assert os.path.isfile(tmp_path / "checkpoints" / "last.ckpt")
+
+
+def test_resume_continues_from_saved_step_with_optimizer_scheduler_and_ema(tmp_path):
+    common = [*FAST, "trainer.limit_train_batches=4", "trainer.limit_val_batches=1", "test=false",
+              "module.ema_decay=0.9", "trainer.max_epochs=2", "trainer.log_every_n_steps=1",
+              "callbacks.model_checkpoint.save_top_k=-1"]
+    whole = tmp_path / "whole"
+    run(make_cfg(whole, common))
+    first_epoch = whole / "checkpoints" / "epoch_000.ckpt"
+    ckpt = torch.load(first_epoch, map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 4
+    assert any(k.startswith("ema.") for k in ckpt["state_dict"])
+    assert ckpt["optimizer_states"][0]["state"], "optimizer moments are saved"
+
+    resumed_dir = tmp_path / "resumed"
+    run(make_cfg(resumed_dir, [*common, f"ckpt_path={first_epoch}"]))
+    resumed = torch.load(resumed_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert resumed["global_step"] == 8 and resumed["epoch"] == 1
+
+    def lr_by_step(out):
+        return {int(r["step"]): float(r["lr-AdamW"]) for r in read_metrics(out) if r.get("lr-AdamW")}
+    whole_lr, resumed_lr = lr_by_step(whole), lr_by_step(resumed_dir)
+    assert min(resumed_lr) == 4, "the resumed run starts at the saved step"
+    assert resumed_lr == pytest.approx({s: lr for s, lr in whole_lr.items() if s >= 4}), \
+        "the LR schedule continues on the uninterrupted run's curve"
+    # EMA weights continue from the saved EMA, not from a fresh copy of the network.
+    ema_key = next(k for k in resumed["state_dict"] if k.startswith("ema.") and k.endswith("head.weight"))
+    net_key = ema_key.replace("ema.module.", "net.")
+    assert not torch.equal(resumed["state_dict"][ema_key], resumed["state_dict"][net_key])
+    assert any(r.get("val/ema_acc1") for r in read_metrics(resumed_dir))
+
+
+def test_evaluate_checkpoint_without_training(tmp_path):
+    trained = tmp_path / "trained"
+    m1 = run(make_cfg(trained, [*FAST, "trainer.max_epochs=1", "trainer.limit_train_batches=3"]))
+    best = glob.glob(str(trained / "checkpoints" / "epoch_*.ckpt"))[0]
+    m2 = run(make_cfg(tmp_path / "eval", [*FAST, "train=false", f"ckpt_path={best}"]))
+    assert m2["test/acc1"] == pytest.approx(m1["test/acc1"])
+    assert not os.path.exists(tmp_path / "eval" / "checkpoints")
+
+
+def test_learning_rate_is_scaled_and_warmed_up_per_iteration(tmp_path):
+    cfg = make_cfg(tmp_path, [*FAST, "trainer.max_epochs=2", "trainer.limit_train_batches=5",
+                              "trainer.limit_val_batches=1", "test=false", "module.lr=0.004",
+                              "module.warmup_epochs=1", "data.batch_size=32"])
+    run(cfg)
+    rows = read_metrics(tmp_path)
+    lrs = [float(r["lr-AdamW"]) for r in rows if r.get("lr-AdamW")]
+    peak = 0.004 * 32 / 512
+    # Linear warm-up over the first 5 iterations from 1e-6, then cosine down.
+    assert lrs[0] == pytest.approx(1e-6)
+    assert max(lrs) == pytest.approx(peak, rel=1e-6)
+    assert lrs[-1] < peak
