@@ -7,6 +7,7 @@ import os
 from typing import Any, Dict, List, Optional, Tuple
 
 import hydra
+from hydra.errors import InstantiationException
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -59,7 +60,7 @@ def instantiate_list(section: Optional[DictConfig]) -> List[Any]:
     """Instantiate every entry with a ``_target_`` (callbacks, loggers)."""
     if not section:
         return []
-    return [hydra.utils.instantiate(c) for c in section.values() if isinstance(c, DictConfig) and "_target_" in c]
+    return [instantiate(c) for c in section.values() if isinstance(c, DictConfig) and "_target_" in c]
 
 
 def check_checkpoint_fits(path: str, module: pl.LightningModule) -> None:
@@ -77,13 +78,28 @@ def check_checkpoint_fits(path: str, module: pl.LightningModule) -> None:
         raise UserInputError(f"ckpt_path={path!r} does not fit the configured model: {what}.")
 
 
+def instantiate(node: DictConfig, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` with plain dicts/lists for nested config (so checkpoints hold no
+    OmegaConf objects and load with ``weights_only=True``), letting a UserInputError through
+    unwrapped so that the user sees its one sentence rather than Hydra's exception around it."""
+    try:
+        return hydra.utils.instantiate(node, _convert_="all", **kwargs)
+    except InstantiationException as exc:
+        cause = exc.__cause__
+        while cause is not None and not isinstance(cause, UserInputError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        raise
+
+
 def build(cfg: DictConfig) -> Tuple[pl.LightningDataModule, pl.LightningModule, pl.Trainer]:
     """Data module, LightningModule and Trainer (with its callbacks and loggers) from the config."""
-    datamodule = hydra.utils.instantiate(cfg.data)
-    module = hydra.utils.instantiate(cfg.module)
+    datamodule = instantiate(cfg.data)
+    module = instantiate(cfg.module)
     callbacks = instantiate_list(cfg.get("callbacks"))
     loggers = instantiate_list(cfg.get("logger"))
-    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     return datamodule, module, trainer
 
 
@@ -123,5 +139,6 @@ def optimized_metric(cfg: DictConfig, metrics: Dict[str, float]) -> Optional[flo
     if not name:
         return None
     if name not in metrics:
-        raise UserInputError(f"optimized_metric={name!r} was not logged; logged metrics are {sorted(metrics)}.")
+        log.warning("optimized_metric=%r was not logged (logged: %s); returning None.", name, sorted(metrics))
+        return None
     return metrics[name]

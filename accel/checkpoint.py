@@ -57,6 +57,11 @@ def load_into(
     for another class count) are dropped and re-initialised; any other mismatch is an error.
     """
     sd = read_state_dict(path)
+    from accel.reducers.evo_checkpoint import evo_to_timm, is_evo_vit
+    if is_evo_vit(sd):
+        # Evo-ViT's own naming: the network loads into the timm ViT; its training-only auxiliary
+        # [CLS] head belongs to the reducer and is left out here.
+        sd = {k: v for k, v in evo_to_timm(sd).items() if not k.startswith("reducer.")}
     if filter_fn is not None:
         sd = filter_fn(sd, model)
     model_sd = model.state_dict()

@@ -42,8 +42,9 @@ def make_cfg(out_dir, overrides: Iterable[str] = ()) -> DictConfig:
 
 
 # Small, fast settings for runs on digits in tests.
-FAST = ["trainer.enable_progress_bar=false", "callbacks.rich_progress_bar=null", "callbacks.model_summary=null",
-        "data.num_workers=0", "++model.depth=2", "++model.embed_dim=64", "++model.num_heads=2"]
+QUIET = ["trainer.enable_progress_bar=false", "callbacks.rich_progress_bar=null", "callbacks.model_summary=null",
+         "data.num_workers=0"]
+FAST = [*QUIET, "++model.depth=2", "++model.embed_dim=64", "++model.num_heads=2"]
 
 
 def run_train(args, cwd=ROOT, timeout=600, env_extra=None) -> subprocess.CompletedProcess:

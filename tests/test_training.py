@@ -1,12 +1,13 @@
 """Training through pipeline.run: fits, resumes, evaluates, schedules, EMA."""
 import csv
+import math
 import glob
 import os
 
 import pytest
 import torch
 
-from conftest import FAST, make_cfg
+from conftest import FAST, QUIET, make_cfg
 from pipeline import run
 
 
@@ -28,10 +29,10 @@ def test_fast_dev_run_on_synthetic(tmp_path):
 
 
 def test_short_run_learns_digits_and_logs_throughput(tmp_path):
-    cfg = make_cfg(tmp_path, [*FAST, "trainer.max_epochs=3", "trainer.limit_train_batches=10"])
+    cfg = make_cfg(tmp_path, [*QUIET, "trainer.max_epochs=3", "module.warmup_epochs=1"])
     metrics = run(cfg)
-    # 10 classes: chance is 0.1; three short epochs of the digits recipe get well beyond it.
-    assert metrics["test/acc1"] > 0.3
+    # 10 classes: chance is 0.1; three epochs of the default model and recipe get well beyond it.
+    assert metrics["test/acc1"] > 0.5
     rows = read_metrics(tmp_path)
     speeds = [float(r["train/images_per_sec"]) for r in rows if r.get("train/images_per_sec")]
     assert len(speeds) == 3 and min(speeds) > 0
@@ -56,7 +57,7 @@ def test_resume_continues_from_saved_step_with_optimizer_scheduler_and_ema(tmp_p
     assert resumed["global_step"] == 8 and resumed["epoch"] == 1
 
     def lr_by_step(out):
-        return {int(r["step"]): float(r["lr-AdamW"]) for r in read_metrics(out) if r.get("lr-AdamW")}
+        return {int(r["step"]): float(r["lr-AdamW/pg1"]) for r in read_metrics(out) if r.get("lr-AdamW/pg1")}
     whole_lr, resumed_lr = lr_by_step(whole), lr_by_step(resumed_dir)
     assert min(resumed_lr) == 4, "the resumed run starts at the saved step"
     assert resumed_lr == pytest.approx({s: lr for s, lr in whole_lr.items() if s >= 4}), \
@@ -80,12 +81,14 @@ def test_evaluate_checkpoint_without_training(tmp_path):
 def test_learning_rate_is_scaled_and_warmed_up_per_iteration(tmp_path):
     cfg = make_cfg(tmp_path, [*FAST, "trainer.max_epochs=2", "trainer.limit_train_batches=5",
                               "trainer.limit_val_batches=1", "test=false", "module.lr=0.004",
-                              "module.warmup_epochs=1", "data.batch_size=32"])
+                              "module.warmup_epochs=1", "data.batch_size=32", "trainer.log_every_n_steps=1"])
     run(cfg)
     rows = read_metrics(tmp_path)
-    lrs = [float(r["lr-AdamW"]) for r in rows if r.get("lr-AdamW")]
-    peak = 0.004 * 32 / 512
-    # Linear warm-up over the first 5 iterations from 1e-6, then cosine down.
-    assert lrs[0] == pytest.approx(1e-6)
-    assert max(lrs) == pytest.approx(peak, rel=1e-6)
-    assert lrs[-1] < peak
+    lrs = [float(r["lr-AdamW/pg1"]) for r in rows if r.get("lr-AdamW/pg1")]
+    peak, warm, total, lr_min = 0.004 * 32 / 512, 5, 10, 1e-5
+
+    def expected(t):  # timm CosineLRScheduler, stepped per iteration, as DeiT (warm-up inside the cosine)
+        if t < warm:
+            return 1e-6 + t * (peak - 1e-6) / warm
+        return lr_min + 0.5 * (peak - lr_min) * (1 + math.cos(math.pi * t / total))
+    assert lrs == pytest.approx([expected(t) for t in range(total)], rel=1e-6)

@@ -57,6 +57,7 @@ class ReducedViT(nn.Module):
         self.vit.set_distilled_training(enable)
 
     def forward_features(self, x: torch.Tensor):
+        """Tokens after the last block (before the final norm) and the reducer's state."""
         vit = self.vit
         x = vit.patch_embed(x)
         x = vit._pos_embed(x)
@@ -65,7 +66,7 @@ class ReducedViT(nn.Module):
         state = self.reducer.reset(x, vit.num_prefix_tokens)
         for i, blk in enumerate(vit.blocks):
             x, state = self.reducer.block(i, blk, x, state)
-        return vit.norm(x), state
+        return x, state
 
     def forward(self, x: torch.Tensor):
         x, state = self.forward_features(x)

@@ -34,7 +34,7 @@ class TokenReducer(nn.Module):
       - ``bind(vit)``: called once when wrapped; checks that the backbone suits the method.
       - ``reset(x, num_prefix)`` → state, once per forward after patch + position embedding.
       - ``block(i, blk, x, state)`` → (x, state): run timm block ``i`` on the tokens it chooses.
-      - ``head(vit, x, state)``: classifier on the final normalised tokens (timm's by default).
+      - ``head(vit, x, state)``: final norm + classifier (timm's by default).
       - ``set_keep_rate(r)`` / ``keep_rate``: settable while training (schedules).
       - ``last_selection``: what each reducing layer kept/fused/merged in the last forward.
     """
@@ -62,7 +62,8 @@ class TokenReducer(nn.Module):
         return blk(x), state
 
     def head(self, vit: nn.Module, x: torch.Tensor, state: State) -> torch.Tensor:
-        return vit.forward_head(x)
+        """Logits from the tokens after the last block (timm's final norm, pooling and head)."""
+        return vit.forward_head(vit.norm(x))
 
     def extra_repr(self) -> str:
         return f"keep_rate={self._keep_rate}"

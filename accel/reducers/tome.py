@@ -1,0 +1,162 @@
+"""ToMe: Bolya et al., "Token Merging: Your ViT But Faster", ICLR 2023 (Sec. 3: bipartite soft
+matching on attention keys, size-weighted merging, proportional attention).
+
+In every block with ``r > 0``, after the attention residual and before the MLP, tokens are split
+alternately into sets A and B; each A token's most similar B token (cosine similarity of the
+head-averaged keys) is found, and the ``r`` most similar pairs are merged by a size-weighted average
+— as facebookresearch/ToMe (tome/merge.py, tome/patch/timm.py) does. [CLS] is never merged away
+and a DIST token is never a merge target. Proportional attention adds ``log(size)`` to the logits.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from accel.errors import UserInputError
+from accel.reducers.attention import attention, attn_residual, check_plain_block, mlp_residual
+from accel.reducers.base import State, TokenReducer
+
+RSpec = Union[int, Sequence[int], Tuple[int, float]]
+
+
+def parse_r(depth: int, r: RSpec) -> List[int]:
+    """Per-block r from an int (constant), a list (explicit, padded with 0) or ``(r, inflection)``
+    (ToMe's linear ramp: -1 decreasing, 0 constant, +1 increasing; total ≈ depth·r)."""
+    inflect = 0.0
+    if isinstance(r, (list, tuple)) and len(r) == 2 and isinstance(r[1], float):
+        r, inflect = r
+    elif isinstance(r, (list, tuple)):
+        if len(r) > depth:
+            raise UserInputError(f"ToMe r={list(r)} has {len(r)} entries; expected at most one per block ({depth}).")
+        return [int(v) for v in r] + [0] * (depth - len(r))  # missing blocks merge nothing
+    min_val = int(r * (1.0 - inflect))
+    max_val = 2 * r - min_val
+    step = (max_val - min_val) / (depth - 1)
+    return [int(min_val + step * i) for i in range(depth)]
+
+
+def bipartite_soft_matching(metric: torch.Tensor, r: int, protect_cls: bool, protect_dist: bool):
+    """The merge plan for ``r`` tokens: (unmerged A indices, merged A indices, their B destinations).
+
+    ``metric`` [B, N, D]. A = even positions, B = odd positions. Returns index tensors used by
+    ``merge_wavg``; the output order is [unmerged A (original order), all of B]."""
+    with torch.no_grad():
+        metric = metric / metric.norm(dim=-1, keepdim=True)
+        a, b = metric[..., ::2, :], metric[..., 1::2, :]
+        scores = a @ b.transpose(-1, -2)
+        if protect_cls:
+            scores[..., 0, :] = -math.inf
+        if protect_dist:
+            scores[..., :, 0] = -math.inf
+        node_max, node_idx = scores.max(dim=-1)
+        edge_idx = node_max.argsort(dim=-1, descending=True)[..., None]
+        unm_idx = edge_idx[..., r:, :]
+        src_idx = edge_idx[..., :r, :]
+        dst_idx = node_idx[..., None].gather(dim=-2, index=src_idx)
+        if protect_cls:
+            unm_idx = unm_idx.sort(dim=1)[0]
+    return unm_idx, src_idx, dst_idx
+
+
+def merge(x: torch.Tensor, plan, mode: str = "sum") -> torch.Tensor:
+    """Apply a matching plan to ``x`` [B, N, C]: sources are reduced into their destinations."""
+    unm_idx, src_idx, dst_idx = plan
+    src, dst = x[..., ::2, :], x[..., 1::2, :]
+    n, t1, c = src.shape
+    unm = src.gather(dim=-2, index=unm_idx.expand(n, t1 - src_idx.shape[1], c))
+    src = src.gather(dim=-2, index=src_idx.expand(n, src_idx.shape[1], c))
+    dst = dst.scatter_reduce(-2, dst_idx.expand(n, src_idx.shape[1], c), src, reduce=mode)
+    return torch.cat([unm, dst], dim=1)
+
+
+class ToMe(TokenReducer):
+    """Token merging with bipartite soft matching.
+
+    Args:
+        r: tokens merged per block: int, per-block list, or ``(r, inflection)``; ``None`` derives a
+            constant r from ``keep_rate`` (the fraction of image tokens left after the last block).
+        keep_rate: used only when ``r`` is None; ``set_keep_rate`` switches to it at run time.
+        prop_attn: proportional attention (log size added to the attention logits).
+        trace_source: keep, per token, which input patches it holds (for visualisation).
+    """
+
+    def __init__(self, r: Optional[RSpec] = 13, keep_rate: float = 1.0, prop_attn: bool = True,
+                 trace_source: bool = False) -> None:
+        super().__init__(keep_rate)
+        self.r = r
+        self.prop_attn = prop_attn
+        self.trace_source = trace_source
+        self.depth = 0
+
+    def set_keep_rate(self, keep_rate: float) -> None:
+        super().set_keep_rate(keep_rate)
+        self.r = None
+        self._schedule = self._make_schedule()
+
+    def bind(self, vit: nn.Module) -> None:
+        self.depth = len(vit.blocks)
+        self.num_prefix = vit.num_prefix_tokens
+        self.grid = vit.patch_embed.grid_size
+        self.num_patches = self.grid[0] * self.grid[1]
+        for blk in vit.blocks:
+            check_plain_block(blk, "ToMe")
+        self._schedule = self._make_schedule()
+
+    def _make_schedule(self) -> List[int]:
+        if self.r is None:
+            removed = int(round((1.0 - self.keep_rate) * self.num_patches))
+            schedule = [removed // self.depth + (1 if i < removed % self.depth else 0) for i in range(self.depth)]
+        else:
+            schedule = parse_r(self.depth, self.r)
+        bad = [v for v in schedule if v < 0]
+        if bad:
+            raise UserInputError(f"ToMe r={self.r!r} gives a negative r ({bad[0]}); expected r ≥ 0.")
+        n = self.num_patches + self.num_prefix
+        for i, v in enumerate(schedule):
+            possible = (n - self.num_prefix) // 2
+            if v > possible:
+                raise UserInputError(f"ToMe r={self.r!r} asks block {i} to merge {v} tokens but only {possible} can "
+                                     f"be merged there ({n} tokens); expected a smaller r.")
+            n -= v
+        return schedule
+
+    @property
+    def schedule(self) -> List[int]:
+        """Tokens merged in each block."""
+        return list(self._schedule)
+
+    def reset(self, x: torch.Tensor, num_prefix: int) -> State:
+        state = super().reset(x, num_prefix)
+        state["size"] = None
+        if self.trace_source:
+            b, n = x.shape[:2]
+            state["source"] = torch.eye(n, device=x.device, dtype=x.dtype).expand(b, n, n)
+        return state
+
+    def block(self, i: int, blk: nn.Module, x: torch.Tensor, state: State) -> Tuple[torch.Tensor, State]:
+        r = self._schedule[i]
+        size = state["size"]
+        bias = size.log().transpose(1, 2).unsqueeze(1) if (self.prop_attn and size is not None) else None
+        if r <= 0 and bias is None:
+            return blk(x), state
+        a = attention(blk.attn, blk.norm1(x), bias=bias, mean_keys=r > 0)
+        x = attn_residual(blk, x, a)
+        if r > 0:
+            plan = bipartite_soft_matching(a.keys, r, protect_cls=state["num_prefix"] >= 1,
+                                           protect_dist=state["num_prefix"] >= 2)
+            if size is None:
+                size = torch.ones_like(x[..., :1])
+            merged_size = merge(size, plan)
+            x = merge(x * size, plan) / merged_size          # size-weighted average
+            state["size"] = size = merged_size
+            if self.trace_source:
+                state["source"] = merge(state["source"], plan, mode="amax")
+            self.last_selection.append({"block": i, "size": size.detach(), **(
+                {"source": state["source"]} if self.trace_source else {})})
+        return mlp_residual(blk, x), state
+
+    def extra_repr(self) -> str:
+        return f"r={self.r!r}, keep_rate={self.keep_rate}, prop_attn={self.prop_attn}, trace_source={self.trace_source}"
