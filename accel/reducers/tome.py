@@ -115,12 +115,14 @@ class ToMe(TokenReducer):
         if bad:
             raise UserInputError(f"ToMe r={self.r!r} gives a negative r ({bad[0]}); expected r ≥ 0.")
         n = self.num_patches + self.num_prefix
+        first_possible = (n - self.num_prefix) // 2
+        if max(schedule, default=0) > first_possible:
+            raise UserInputError(f"ToMe r={self.r!r} asks a block to merge {max(schedule)} tokens but at most "
+                                 f"{first_possible} can be merged at once ({n} tokens); expected a smaller r.")
+        # As the reference: once tokens run out, later blocks merge only what is left to merge.
         for i, v in enumerate(schedule):
-            possible = (n - self.num_prefix) // 2
-            if v > possible:
-                raise UserInputError(f"ToMe r={self.r!r} asks block {i} to merge {v} tokens but only {possible} can "
-                                     f"be merged there ({n} tokens); expected a smaller r.")
-            n -= v
+            schedule[i] = min(v, (n - self.num_prefix) // 2)
+            n -= schedule[i]
         return schedule
 
     @property
