@@ -16,6 +16,8 @@ def options(group):
 @pytest.mark.parametrize("model", options("model"))
 def test_every_model_config_builds_a_classifier(tmp_path, model):
     small = [] if model == "vit_digits" else ["data=synthetic", "data.image_size=32", "data.num_classes=7"]
+    if model.startswith("tome"):
+        small.append("reducer.r=1")  # 32 px → 4 patches: r=13 cannot be merged
     cfg = make_cfg(tmp_path, [f"model={model}", *small])
     module = hydra.utils.instantiate(cfg.module).eval()
     size = cfg.data.image_size
@@ -72,3 +74,20 @@ def test_deit_s_in1k_is_the_paper_recipe(tmp_path):
     assert cfg.module.mixup.mixup_alpha == 0.8 and cfg.module.mixup.cutmix_alpha == 1.0
     assert cfg.data.repeated_aug == 3 and cfg.module.ema_decay == 0.99996
     assert cfg.data.train_transform.auto_augment == "rand-m9-mstd0.5-inc1" and cfg.data.train_transform.re_prob == 0.25
+
+
+@pytest.mark.parametrize("model, reducer, keep_rate", [
+    ("evit_deit_s", "EViT", 0.7), ("evo_deit_s", "EvoViT", 0.5), ("tome_deit_s", "ToMe", 1.0), ("deit_s", None, 1.0)])
+def test_model_files_choose_their_reducer(tmp_path, model, reducer, keep_rate):
+    cfg = make_cfg(tmp_path, [f"model={model}"])
+    assert (cfg.reducer._target_.rsplit(".", 1)[1] if cfg.reducer else None) == reducer
+    assert cfg.keep_rate == keep_rate and (cfg.reducer is None or cfg.reducer.keep_rate == keep_rate)
+
+
+def test_any_backbone_with_any_reducer_and_keep_rate(tmp_path):
+    cfg = make_cfg(tmp_path, ["model=deit_t_distilled", "reducer=evit", "keep_rate=0.5", "data=synthetic",
+                              "data.image_size=64", "data.num_classes=3"])
+    net = hydra.utils.instantiate(cfg.module).net
+    assert type(net.reducer).__name__ == "EViT" and net.keep_rate == 0.5
+    cfg = make_cfg(tmp_path, ["model=evit_deit_s", "reducer=tome", "reducer.r=[8,8,8]"])
+    assert cfg.reducer._target_.endswith("ToMe") and list(cfg.reducer.r) == [8, 8, 8]

@@ -82,16 +82,18 @@ def test_tome_protects_dist_token(deit_t_distilled):
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
 
 
+def tome_schedule(**kwargs):
+    return with_reducer(timm.create_model("deit_tiny_patch16_224"), ToMe(**kwargs)).reducer.schedule
+
+
 def test_tome_schedules():
-    vit = timm.create_model("deit_tiny_patch16_224")
-    assert ToMe(r=(8, -1.0)).__class__ and with_reducer(vit, t := ToMe(r=(8, -1.0))) and t.schedule[0] == 16
-    assert t.schedule[-1] == 0 and sum(t.schedule) == pytest.approx(8 * 12, abs=12)
-    with_reducer(vit, t := ToMe(r=[5, 5]))
-    assert t.schedule == [5, 5] + [0] * 10
-    with_reducer(vit, t := ToMe(r=None, keep_rate=0.4))
-    assert sum(t.schedule) == round(0.6 * 196)
-    t.set_keep_rate(1.0)
-    assert t.schedule == [0] * 12
+    decreasing = tome_schedule(r=(8, -1.0))
+    assert decreasing[0] == 16 and decreasing[-1] == 0 and decreasing == sorted(decreasing, reverse=True)
+    assert tome_schedule(r=[5, 5]) == [5, 5] + [0] * 10
+    assert sum(tome_schedule(r=None, keep_rate=0.4)) == round(0.6 * 196)
+    model = with_reducer(timm.create_model("deit_tiny_patch16_224"), ToMe(r=13))
+    model.set_keep_rate(1.0)
+    assert model.reducer.schedule == [0] * 12
 
 
 @pytest.fixture(scope="module")
@@ -204,3 +206,12 @@ def test_cls_scored_reducer_needs_a_cls_token(reducer):
     vit = timm.create_model("vit_small_patch16_224", class_token=False, global_pool="avg")
     with pytest.raises(UserInputError, match=r"has no \[CLS\] token"):
         with_reducer(vit, reducer(0.5))
+
+
+@pytest.mark.parametrize("make", [lambda e: EViT(0.7, explicit_attention=e), lambda e: EvoViT(0.5, explicit_attention=e),
+                                  lambda e: ToMe(r=13, explicit_attention=e)], ids=["evit", "evo", "tome"])
+def test_fused_attention_equals_explicit_matrix(deit_s, make):
+    with torch.no_grad():
+        fused = with_reducer(deit_s, make(False)).eval()(IMAGES)
+        explicit = with_reducer(deit_s, make(True)).eval()(IMAGES)
+    torch.testing.assert_close(fused, explicit, atol=1e-4, rtol=0)

@@ -92,3 +92,10 @@ def test_learning_rate_is_scaled_and_warmed_up_per_iteration(tmp_path):
             return 1e-6 + t * (peak - 1e-6) / warm
         return lr_min + 0.5 * (peak - lr_min) * (1 + math.cos(math.pi * t / total))
     assert lrs == pytest.approx([expected(t) for t in range(total)], rel=1e-6)
+
+
+@pytest.mark.parametrize("reducer", ["evit reducer.locations=[0,1]", "evo reducer.start=1 reducer.stages=[1]", "tome reducer.r=2"])
+def test_fast_dev_run_with_each_reducer(tmp_path, reducer):
+    name, *extra = reducer.split()
+    metrics = run(make_cfg(tmp_path, ["debug=fdr", *FAST, f"reducer={name}", "keep_rate=0.5", *extra]))
+    assert "test/acc1" in metrics

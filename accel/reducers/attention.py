@@ -34,13 +34,19 @@ def check_plain_block(blk: nn.Module, where: str) -> None:
 
 
 def attention(attn: Attention, x: torch.Tensor, bias: Optional[torch.Tensor] = None, cls_row: bool = False,
-              mean_keys: bool = False) -> AttnOut:
+              mean_keys: bool = False, explicit: bool = False) -> AttnOut:
     """timm ``Attention.forward`` on ``x`` plus, on request, the [CLS] attention row and the
-    head-averaged keys. ``bias`` [B, 1, 1, N] is added to the logits (ToMe's log-size)."""
+    head-averaged keys. ``bias`` [B, 1, 1, N] is added to the logits (ToMe's log-size).
+    ``explicit`` computes the full N×N matrix as the reference implementations do (for comparison)."""
     B, N, C = x.shape
     H, D = attn.num_heads, attn.head_dim
     q, k, v = attn.qkv(x).reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
+    if explicit:
+        logits = (q * attn.scale) @ k.transpose(-2, -1)
+        probs = attn.attn_drop((logits if bias is None else logits + bias).softmax(dim=-1))
+        out = attn.proj_drop(attn.proj(attn.norm((probs @ v).transpose(1, 2).reshape(B, N, H * D))))
+        return AttnOut(out, probs[:, :, 0] if cls_row else None, k.mean(1) if mean_keys else None)
     drop = attn.attn_drop.p if attn.training else 0.0
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype), dropout_p=drop)
     row = None

@@ -39,9 +39,12 @@ class TokenReducer(nn.Module):
       - ``last_selection``: what each reducing layer kept/fused/merged in the last forward.
     """
 
-    def __init__(self, keep_rate: float = 1.0) -> None:
+    def __init__(self, keep_rate: float = 1.0, explicit_attention: bool = False) -> None:
         super().__init__()
         self._keep_rate = check_keep_rate(keep_rate)
+        # Reference-style attention (full N×N matrix in Python) instead of SDPA + a 1×N [CLS] row:
+        # same values, kept so that the benchmark can show what the fused path saves.
+        self.explicit_attention = explicit_attention
         self.last_selection: List[Dict[str, torch.Tensor]] = []
 
     @property

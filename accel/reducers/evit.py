@@ -27,10 +27,12 @@ class EViT(TokenReducer):
         keep_rate: fraction of the current image tokens kept at each location, in (0, 1].
         locations: 0-based block indices where tokens are reduced (EViT: 3, 6, 9 for 12 blocks).
         fuse_token: fuse the dropped tokens into one (EViT's inattentive-token fusion).
+        explicit_attention: compute the full attention matrix as the reference code does.
     """
 
-    def __init__(self, keep_rate: float = 0.7, locations: Sequence[int] = (3, 6, 9), fuse_token: bool = True) -> None:
-        super().__init__(keep_rate)
+    def __init__(self, keep_rate: float = 0.7, locations: Sequence[int] = (3, 6, 9), fuse_token: bool = True,
+                 explicit_attention: bool = False) -> None:
+        super().__init__(keep_rate, explicit_attention)
         self.locations = tuple(int(i) for i in locations)
         self.fuse_token = fuse_token
 
@@ -61,7 +63,7 @@ class EViT(TokenReducer):
         keep = self.kept_count(n)
         if i not in self.locations or keep >= n:
             return blk(x), state
-        a = attention(blk.attn, blk.norm1(x), cls_row=True)
+        a = attention(blk.attn, blk.norm1(x), cls_row=True, explicit=self.explicit_attention)
         x = attn_residual(blk, x, a)
         scores = a.cls_attn[:, :, p:].mean(dim=1)                       # [B, n]
         top, idx = torch.topk(scores, keep, dim=1, largest=True, sorted=True)

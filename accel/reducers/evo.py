@@ -44,11 +44,13 @@ class EvoViT(TokenReducer):
         layerwise_training: select at every block while training (the paper's first 200 epochs);
             the keep-rate/stage callback switches it off with ``set_layerwise(False)``.
         aux_cls_head: train an auxiliary [CLS] head (``reducer.head_cls``/``reducer.norm_cls``).
+        explicit_attention: compute the full attention matrix as the reference code does.
     """
 
     def __init__(self, keep_rate: float = 0.5, start: int = 4, stages: Sequence[int] = (4, 8), tradeoff: float = 0.5,
-                 fast_path: str = "none", layerwise_training: bool = True, aux_cls_head: bool = True) -> None:
-        super().__init__(keep_rate)
+                 fast_path: str = "none", layerwise_training: bool = True, aux_cls_head: bool = True,
+                 explicit_attention: bool = False) -> None:
+        super().__init__(keep_rate, explicit_attention)
         if fast_path not in FAST_PATHS:
             raise UserInputError(f"Evo-ViT fast_path={fast_path!r} is unknown; expected one of {FAST_PATHS}.")
         self.start = int(start)
@@ -112,7 +114,7 @@ class EvoViT(TokenReducer):
 
     def block(self, i: int, blk: nn.Module, x: torch.Tensor, state: State) -> Tuple[torch.Tensor, State]:
         if i < self.start:
-            a = attention(blk.attn, blk.norm1(x), cls_row=True)
+            a = attention(blk.attn, blk.norm1(x), cls_row=True, explicit=self.explicit_attention)
             s = a.cls_attn[:, :, 1:].sum(dim=1)
             # t = 1 before the first selection (the reference's tradeoff list), so A is this block's score.
             state["A"] = s
@@ -130,7 +132,7 @@ class EvoViT(TokenReducer):
             w = state["A"][:, n_keep:]
             rep = torch.bmm((w / w.sum(dim=1, keepdim=True)).unsqueeze(1), state["rest"])  # [B, 1, C]
             x = torch.cat([x, rep], dim=1)
-        a = attention(blk.attn, blk.norm1(x), cls_row=True)
+        a = attention(blk.attn, blk.norm1(x), cls_row=True, explicit=self.explicit_attention)
         s = a.cls_attn[:, :, 1:1 + n_keep].sum(dim=1)
         t = self.tradeoff
         state["A"] = torch.cat([(1 - t) * state["A"][:, :n_keep] + t * s, state["A"][:, n_keep:]], dim=1)

@@ -81,11 +81,12 @@ class ToMe(TokenReducer):
         keep_rate: used only when ``r`` is None; ``set_keep_rate`` switches to it at run time.
         prop_attn: proportional attention (log size added to the attention logits).
         trace_source: keep, per token, which input patches it holds (for visualisation).
+        explicit_attention: compute the full attention matrix as the reference code does.
     """
 
     def __init__(self, r: Optional[RSpec] = 13, keep_rate: float = 1.0, prop_attn: bool = True,
-                 trace_source: bool = False) -> None:
-        super().__init__(keep_rate)
+                 trace_source: bool = False, explicit_attention: bool = False) -> None:
+        super().__init__(keep_rate, explicit_attention)
         self.r = r
         self.prop_attn = prop_attn
         self.trace_source = trace_source
@@ -144,7 +145,7 @@ class ToMe(TokenReducer):
         bias = size.log().transpose(1, 2).unsqueeze(1) if (self.prop_attn and size is not None) else None
         if r <= 0 and bias is None:
             return blk(x), state
-        a = attention(blk.attn, blk.norm1(x), bias=bias, mean_keys=r > 0)
+        a = attention(blk.attn, blk.norm1(x), bias=bias, mean_keys=r > 0, explicit=self.explicit_attention)
         x = attn_residual(blk, x, a)
         if r > 0:
             plan = bipartite_soft_matching(a.keys, r, protect_cls=state["num_prefix"] >= 1,
