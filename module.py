@@ -68,6 +68,8 @@ class ImageClassifier(pl.LightningModule):
         })
         self._epoch_start = 0.0
         self._epoch_images = 0
+        # Set by callbacks.distillation.Distillation: the teacher and DeiT's distillation loss.
+        self.distillation = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -84,7 +86,12 @@ class ImageClassifier(pl.LightningModule):
         images, targets = batch
         if self.mixup is not None:
             images, targets = self.mixup(images, targets)
-        loss = self.loss(self.net(images), targets)
+        outputs = self.net(images)
+        if self.distillation is not None:
+            loss, parts = self.distillation.loss(images, outputs, targets, self.criterion)
+            self.log_dict(parts, on_step=True, on_epoch=True, batch_size=images.shape[0])
+        else:
+            loss = self.loss(outputs, targets)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"Loss is {loss.item()} at step {self.global_step}; lower the learning rate "
                                      "or enable gradient clipping (trainer.gradient_clip_val).")

@@ -130,7 +130,16 @@ def run(cfg: DictConfig) -> Dict[str, float]:
             test_ckpt = ckpt_path
         trainer.test(module, datamodule=datamodule, ckpt_path=test_ckpt, weights_only=False)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+    finish_wandb(trainer)
     return metrics
+
+
+def finish_wandb(trainer: pl.Trainer) -> None:
+    """Close the W&B run, so that the next job of a multirun starts its own run."""
+    from pytorch_lightning.loggers import WandbLogger
+    if any(isinstance(lg, WandbLogger) for lg in trainer.loggers):
+        import wandb
+        wandb.finish()
 
 
 def optimized_metric(cfg: DictConfig, metrics: Dict[str, float]) -> Optional[float]:

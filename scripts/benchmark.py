@@ -7,7 +7,8 @@ same run.
         --model-args "model.pretrained_path=evit.pth"
 
 Each model is a string of Hydra overrides of conf/train.yaml (a bare first word is ``model=<word>``;
-comma lists expand). All models are built in one process; timings warm up first, then each model
+comma lists expand; the word ``packed`` runs its inference with accel.cpu_inference's packed
+oneDNN linears — training columns stay unpacked). All models are built in one process; timings warm up first, then each model
 is timed in turn, rotating the order every round, and the median is reported. Columns:
 inference img/s, one training step (forward + backward + AdamW) img/s, forward GFLOPs
 (torch.utils.flop_counter, attention included on CPU too), parameters, peak memory of a training
@@ -37,6 +38,7 @@ os.environ.setdefault("PROJECT_ROOT", ROOT)
 from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 
+from accel.cpu_inference import pack_for_cpu_inference  # noqa: E402
 from accel.flops import count_flops  # noqa: E402
 from pipeline import instantiate  # noqa: E402
 
@@ -55,13 +57,18 @@ class Entry:
     results: Dict[str, float] = field(default_factory=dict)
 
 
+FLAGS = ("packed",)
+
+
 def expand(spec: str) -> List[List[str]]:
-    """One spec string → a list of override lists (comma values expand as in a Hydra sweep)."""
+    """One spec string → a list of override lists (comma values expand as in a Hydra sweep).
+    The word ``packed`` (not an override) runs that model with accel.cpu_inference packing."""
     words = spec.split()
     if words and "=" not in words[0]:
         words[0] = f"model={words[0]}"
-    choices = [[f"{w.split('=', 1)[0]}={v}" for v in w.split("=", 1)[1].split(",")] for w in words]
-    return [list(c) for c in itertools.product(*choices)]
+    flags = [w for w in words if w in FLAGS]
+    choices = [[f"{w.split('=', 1)[0]}={v}" for v in w.split("=", 1)[1].split(",")] for w in words if w not in FLAGS]
+    return [list(c) + flags for c in itertools.product(*choices)]
 
 
 def compose_cfg(overrides: List[str]):
@@ -72,12 +79,16 @@ def compose_cfg(overrides: List[str]):
 
 def build(overrides: List[str], args) -> Entry:
     sized = [f"data.image_size={args.img_size}", f"data.num_classes={args.num_classes}"]
-    cfg = compose_cfg(["data=synthetic", *sized, *overrides, *args.model_args.split()])
+    flags = [o for o in overrides if o in FLAGS]
+    cfg = compose_cfg(["data=synthetic", *sized, *[o for o in overrides if o not in FLAGS], *args.model_args.split()])
     net = instantiate(cfg.module).net
     reducer = getattr(net, "reducer", None)
     method = type(reducer).__name__ if reducer is not None else "timm"
     label = " ".join(overrides)
-    return Entry(label, overrides, net, method, getattr(reducer, "keep_rate", 1.0))
+    entry = Entry(label, [o for o in overrides if o not in FLAGS], net, method + (" packed" if flags else ""),
+                  getattr(reducer, "keep_rate", 1.0))
+    entry.packed = bool(flags)
+    return entry
 
 
 def autocast(args):
@@ -98,7 +109,8 @@ def prepare(entry: Entry, args) -> None:
     if args.fuse and hasattr(net, "fuse"):
         net.fuse()
     entry.net = net
-    entry.infer = torch.compile(net, dynamic=False) if args.compile else net
+    infer = pack_for_cpu_inference(net) if entry.packed else net
+    entry.infer = torch.compile(infer, dynamic=False) if args.compile else infer
 
 
 def images(batch: int, args) -> torch.Tensor:
@@ -108,6 +120,7 @@ def images(batch: int, args) -> torch.Tensor:
 
 def time_inference(entry: Entry, x: torch.Tensor, args) -> float:
     entry.net.eval()
+    entry.infer.eval()
     with torch.inference_mode(), autocast(args):
         sync(args)
         start = time.perf_counter()

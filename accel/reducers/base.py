@@ -62,7 +62,14 @@ class TokenReducer(nn.Module):
         return {"num_prefix": num_prefix}
 
     def block(self, i: int, blk: nn.Module, x: torch.Tensor, state: State) -> Tuple[torch.Tensor, State]:
-        return blk(x), state
+        return self.full_block(blk, x), state
+
+    def full_block(self, blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """A block with no reduction: timm's own forward, or the reference style on request."""
+        if not self.explicit_attention:
+            return blk(x)
+        from accel.reducers.attention import attention, attn_residual, mlp_residual
+        return mlp_residual(blk, attn_residual(blk, x, attention(blk.attn, blk.norm1(x), explicit=True)))
 
     def head(self, vit: nn.Module, x: torch.Tensor, state: State) -> torch.Tensor:
         """Logits from the tokens after the last block (timm's final norm, pooling and head)."""

@@ -62,7 +62,7 @@ class EViT(TokenReducer):
         n = x.shape[1] - p
         keep = self.kept_count(n)
         if i not in self.locations or keep >= n:
-            return blk(x), state
+            return self.full_block(blk, x), state
         a = attention(blk.attn, blk.norm1(x), cls_row=True, explicit=self.explicit_attention)
         x = attn_residual(blk, x, a)
         scores = a.cls_attn[:, :, p:].mean(dim=1)                       # [B, n]

@@ -144,7 +144,7 @@ class ToMe(TokenReducer):
         size = state["size"]
         bias = size.log().transpose(1, 2).unsqueeze(1) if (self.prop_attn and size is not None) else None
         if r <= 0 and bias is None:
-            return blk(x), state
+            return self.full_block(blk, x), state
         a = attention(blk.attn, blk.norm1(x), bias=bias, mean_keys=r > 0, explicit=self.explicit_attention)
         x = attn_residual(blk, x, a)
         if r > 0:

@@ -1,0 +1,91 @@
+"""DeiT's distillation through attention (Touvron et al., ICML 2021, Sec. 5; facebookresearch/deit
+losses.py DistillationLoss): a frozen teacher sees the same (mixed) images as the student; the
+student's distillation head learns the teacher's hard label (CE with its argmax) or its soft
+distribution (KL at temperature τ, × τ², divided by batch × classes as DeiT's code), weighted α
+against the usual loss on the class head. At evaluation the two heads are averaged (timm)."""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import pytorch_lightning as pl
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from accel.checkpoint import load_into
+from accel.errors import UserInputError
+
+TYPES = ("hard", "soft")
+
+
+def distillation_loss(student_cls: torch.Tensor, student_dist: torch.Tensor, teacher_logits: torch.Tensor,
+                      base: torch.Tensor, kind: str, alpha: float, tau: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(total loss, distillation part) as DeiT's DistillationLoss computes them."""
+    if kind == "soft":
+        distill = F.kl_div(F.log_softmax(student_dist / tau, dim=1), F.log_softmax(teacher_logits / tau, dim=1),
+                           reduction="sum", log_target=True) * (tau * tau) / student_dist.numel()
+    else:
+        distill = F.cross_entropy(student_dist, teacher_logits.argmax(dim=1))
+    return base * (1 - alpha) + distill * alpha, distill
+
+
+def build_teacher(name: str, num_classes: int, path: Optional[str]) -> nn.Module:
+    """A frozen timm model by name with weights from a local file (timm, DeiT release or a
+    checkpoint of this project)."""
+    if not timm.is_model(name):
+        raise UserInputError(f"Teacher model {name!r} is not a timm model name; expected e.g. 'regnety_160'.")
+    if not path:
+        raise UserInputError(f"Distillation needs the teacher's weights: set callbacks.distillation.teacher_path to a "
+                             f"local checkpoint of {name} (nothing is downloaded).")
+    teacher = timm.create_model(name, pretrained=False, num_classes=num_classes)
+    load_into(teacher, path, droppable=())
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher.eval()
+
+
+class Distillation(pl.Callback):
+    """Attach a teacher and DeiT's distillation loss to an ImageClassifier whose network has a
+    distillation head (timm's distilled DeiT; LeViT's ``head_dist``)."""
+
+    def __init__(self, teacher: str = "regnety_160", teacher_path: Optional[str] = None, kind: str = "hard",
+                 alpha: float = 0.5, tau: float = 1.0, teacher_module: Optional[nn.Module] = None) -> None:
+        if kind not in TYPES:
+            raise UserInputError(f"Distillation kind={kind!r} is unknown; expected one of {TYPES}.")
+        if not 0.0 <= alpha <= 1.0 or tau <= 0:
+            raise UserInputError(f"Distillation alpha={alpha}, tau={tau}: expected 0 ≤ alpha ≤ 1 and tau > 0.")
+        self.teacher_name, self.teacher_path = teacher, teacher_path
+        self.kind, self.alpha, self.tau = kind, float(alpha), float(tau)
+        self.teacher = teacher_module
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        net = pl_module.net
+        vit = getattr(net, "vit", net)
+        if not hasattr(vit, "head_dist") or not hasattr(net, "set_distilled_training"):
+            raise UserInputError(f"Distillation needs a student with a distillation head, but {type(vit).__name__} "
+                                 "has none; use a distilled model (e.g. model=deit_s_distilled).")
+        net.set_distilled_training(True)
+        if self.teacher is None:
+            self.teacher = build_teacher(self.teacher_name, pl_module.hparams.num_classes, self.teacher_path)
+        self.teacher = self.teacher.to(pl_module.device).eval()
+        pl_module.distillation = self
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        pl_module.distillation = None
+
+    def loss(self, images: torch.Tensor, outputs, targets: torch.Tensor, criterion: nn.Module) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """Total loss and its parts for one training batch (called by the module)."""
+        if not isinstance(outputs, (tuple, list)) or len(outputs) != 2:
+            raise UserInputError("The student returned one output in training; expected (class, distillation) "
+                                 "logits from a distilled model in distilled-training mode.")
+        cls_logits, dist_logits = outputs
+        base = criterion(cls_logits, targets)
+        self.teacher.to(images.device)
+        with torch.no_grad():
+            teacher_logits = self.teacher(images)
+        total, distill = distillation_loss(cls_logits, dist_logits, teacher_logits.float(), base, self.kind,
+                                           self.alpha, self.tau)
+        return total, {"train/loss_base": base.detach(), "train/loss_distill": distill.detach()}

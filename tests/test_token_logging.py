@@ -1,0 +1,56 @@
+"""Token-selection pictures for EViT, Evo-ViT and ToMe: rendered, and written by each logger."""
+import glob
+import os
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+from accel.backbones import with_reducer
+from accel.reducers import EViT, EvoViT, ToMe
+from accel.visualize import render
+from conftest import FAST, make_cfg
+from pipeline import run
+
+
+@pytest.mark.parametrize("reducer, panels", [(lambda: EViT(0.5, locations=(1, 3)), 3),
+                                              (lambda: EvoViT(0.5, start=2, stages=(2,)), 2),
+                                              (lambda: ToMe(r=8), 1 + 6)], ids=["evit", "evo", "tome"])
+def test_render_draws_one_panel_per_reducing_block(reducer, panels):
+    torch.manual_seed(0)
+    vit = timm.create_model("deit_tiny_patch16_224", img_size=64, patch_size=8, depth=6)
+    net = with_reducer(vit, reducer())
+    picture = render(net, torch.randn(3, 3, 64, 64), (0.5,) * 3, (0.5,) * 3)
+    assert picture.dtype == np.uint8 and picture.shape == (2 + 3 * 66, 2 + panels * 66, 3)
+    assert picture.std() > 0
+    if isinstance(net.reducer, ToMe):
+        assert net.reducer.trace_source is False, "tracing is switched back off"
+
+
+LOGGED = [*FAST, "reducer=evit", "reducer.locations=[0,1]", "keep_rate=0.5", "callbacks=token_selection",
+          "callbacks.rich_progress_bar=null", "callbacks.model_summary=null", "trainer.max_epochs=1",
+          "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "test=false"]
+
+
+def test_csv_run_writes_pngs(tmp_path):
+    run(make_cfg(tmp_path, LOGGED))
+    assert os.path.isfile(tmp_path / "token_selection" / "epoch_000.png")
+
+
+def test_tensorboard_run_logs_images(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    run(make_cfg(tmp_path, [*LOGGED, "logger=tensorboard"]))
+    events = glob.glob(str(tmp_path / "tensorboard" / "**" / "events.out.*"), recursive=True)
+    acc = EventAccumulator(os.path.dirname(events[0]), size_guidance={"images": 0})
+    acc.Reload()
+    assert "token_selection" in acc.Tags()["images"]
+
+
+def test_wandb_offline_run_holds_metrics_and_images(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run(make_cfg(tmp_path, [*LOGGED, "logger=wandb"]))
+    runs = glob.glob(str(tmp_path / "wandb" / "offline-run-*"))
+    assert len(runs) == 1
+    assert glob.glob(os.path.join(runs[0], "files", "media", "images", "token_selection*.png"))
+    assert glob.glob(os.path.join(runs[0], "run-*.wandb"))
