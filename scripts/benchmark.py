@@ -84,10 +84,14 @@ def build(overrides: List[str], args) -> Entry:
     net = instantiate(cfg.module).net
     reducer = getattr(net, "reducer", None)
     method = type(reducer).__name__ if reducer is not None else "timm"
+    if getattr(reducer, "explicit_attention", False):
+        method += " explicit-attention"
     label = " ".join(overrides)
     entry = Entry(label, [o for o in overrides if o not in FLAGS], net, method + (" packed" if flags else ""),
                   getattr(reducer, "keep_rate", 1.0))
     entry.packed = bool(flags)
+    r = getattr(reducer, "r", None)
+    entry.point = f"r={r}" if r is not None else f"{entry.keep_rate:g}"
     return entry
 
 
@@ -251,10 +255,10 @@ def plot(entries: List[Entry], path: str, y: str, title: str) -> None:
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 5))
     for method in dict.fromkeys(e.method for e in entries):
-        pts = sorted((e.results["gflops"], e.results[y], e.keep_rate) for e in entries if e.method == method)
+        pts = sorted((e.results["gflops"], e.results[y], e.point) for e in entries if e.method == method)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=method)
-        for gf, val, kr in pts:
-            ax.annotate(f"{kr:g}", (gf, val), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        for gf, val, point in pts:
+            ax.annotate(point, (gf, val), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xlabel("GFLOPs (multiply-adds, batch 1)")
     ax.set_ylabel("val top-1" if y == "top1" else "inference images / s")
     ax.set_title(title, fontsize=7)

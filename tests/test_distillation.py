@@ -73,3 +73,14 @@ def test_student_without_distillation_head(tmp_path, teacher_file):
                               f"callbacks.distillation.teacher_path={teacher_file}"])
     with pytest.raises(UserInputError, match="needs a student with a distillation head"):
         run(cfg)
+
+
+def test_distillation_under_ddp_sim(tmp_path, teacher_file):
+    from conftest import run_train
+    proc = run_train([*DISTILLED, "trainer=ddp_sim", f"callbacks.distillation.teacher_path={teacher_file}",
+                      f"paths.log_dir={tmp_path}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import csv
+    import glob
+    rows = list(csv.DictReader(open(glob.glob(str(tmp_path / "train" / "runs" / "*" / "csv" / "metrics.csv"))[0])))
+    assert any(r.get("train/loss_distill_step") for r in rows)

@@ -215,3 +215,14 @@ def test_fused_attention_equals_explicit_matrix(deit_s, make):
         fused = with_reducer(deit_s, make(False)).eval()(IMAGES)
         explicit = with_reducer(deit_s, make(True)).eval()(IMAGES)
     torch.testing.assert_close(fused, explicit, atol=1e-4, rtol=0)
+
+
+def test_evo_release_file_loads_through_create_vit(tmp_path, evo_checkpoint):
+    """model=evo_deit_s model.pretrained_path=<Evo-ViT release file> gives the reference logits."""
+    from accel.backbones import create_vit
+    torch.save({"model": evo_checkpoint}, tmp_path / "evo_vit_s.pth")
+    vit = create_vit("deit_small_patch16_224", num_classes=1000, pretrained_path=str(tmp_path / "evo_vit_s.pth"))
+    model = with_reducer(vit, EvoViT(0.5)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(IMAGES), evo_forward(evo_checkpoint, IMAGES, heads=6, patch=16),
+                                   atol=1e-4, rtol=0)

@@ -54,3 +54,24 @@ def test_wandb_offline_run_holds_metrics_and_images(tmp_path, monkeypatch):
     assert len(runs) == 1
     assert glob.glob(os.path.join(runs[0], "files", "media", "images", "token_selection*.png"))
     assert glob.glob(os.path.join(runs[0], "run-*.wandb"))
+
+
+def test_visualize_tokens_script_for_a_checkpoint(tmp_path):
+    import sys
+    from conftest import ROOT, run_train, write_jpeg_folder
+    proc = run_train([*(a for a in LOGGED if a != "callbacks=token_selection"), f"paths.log_dir={tmp_path}"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ckpt = glob.glob(str(tmp_path / "train" / "runs" / "*" / "checkpoints" / "last.ckpt"))[0]
+    photos = write_jpeg_folder(tmp_path / "photos", classes=1, per_class=3, size=(48, 40), splits=("any",))
+    import subprocess
+    out = tmp_path / "tokens.png"
+    done = subprocess.run([sys.executable, "scripts/visualize_tokens.py", "--ckpt", ckpt, "--images", photos,
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    from PIL import Image
+    picture = Image.open(out)
+    # 3 images × (input + 2 EViT reduction blocks) of 32 px with 2 px padding.
+    assert picture.size == (2 + 3 * 34, 2 + 3 * 34)
+    bad = subprocess.run([sys.executable, "scripts/visualize_tokens.py", "--ckpt", ckpt, "--images", "/no/dir"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "error: --images '/no/dir' is not a directory" in bad.stderr
