@@ -55,10 +55,11 @@ def test_checkpoint_of_another_model_names_the_mismatch(tmp_path):
     assert os.path.getmtime(ckpt) == before, "the checkpoint is left as it was"
 
 
-def test_multirun_gives_each_job_its_own_directory(tmp_path):
+def test_multirun_gives_each_job_its_own_directory_and_wandb_run(tmp_path):
     proc = run_train(["-m", "model=deit_t,deit_s", "data=synthetic", "trainer.max_steps=2", "data.image_size=32",
                       "data.batch_size=4", "data.num_classes=5", "trainer.limit_val_batches=1",
-                      "trainer.limit_test_batches=1", "callbacks.rich_progress_bar=null", *OUT(tmp_path)])
+                      "trainer.limit_test_batches=1", "callbacks.rich_progress_bar=null", "logger=[csv,wandb]",
+                      *OUT(tmp_path)], env_extra={"WANDB_MODE": "offline"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = sorted(glob.glob(str(tmp_path / "train" / "multiruns" / "*" / "[0-9]")))
     assert [os.path.basename(j) for j in jobs] == ["0", "1"]
@@ -66,6 +67,7 @@ def test_multirun_gives_each_job_its_own_directory(tmp_path):
     for job in jobs:
         assert os.path.isfile(os.path.join(job, "checkpoints", "last.ckpt"))
         assert os.path.isfile(os.path.join(job, "csv", "metrics.csv"))
+        assert len(glob.glob(os.path.join(job, "wandb", "offline-run-*"))) == 1, "one W&B run per job"
         names.append(open(os.path.join(job, ".hydra", "overrides.yaml")).read())
     assert "model=deit_t" in names[0] and "model=deit_s" in names[1]
 
