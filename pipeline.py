@@ -11,6 +11,7 @@ from hydra.errors import InstantiationException
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks.progress import ProgressBar
 from rich.console import Console
 from rich.syntax import Syntax
 from rich.tree import Tree
@@ -98,6 +99,9 @@ def build(cfg: DictConfig) -> Tuple[pl.LightningDataModule, pl.LightningModule, 
     datamodule = instantiate(cfg.data)
     module = instantiate(cfg.module)
     callbacks = instantiate_list(cfg.get("callbacks"))
+    if not cfg.trainer.get("enable_progress_bar", True):
+        # trainer.enable_progress_bar=false switches the configured progress bar off too.
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     loggers = instantiate_list(cfg.get("logger"))
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     return datamodule, module, trainer

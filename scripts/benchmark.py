@@ -7,8 +7,8 @@ same run.
         --model-args "model.pretrained_path=evit.pth"
 
 Each model is a string of Hydra overrides of conf/train.yaml (a bare first word is ``model=<word>``;
-comma lists expand; the word ``packed`` runs its inference with accel.cpu_inference's packed
-oneDNN linears — training columns stay unpacked). All models are built in one process; timings warm up first, then each model
+comma lists expand; the words ``fused`` (LeViT BatchNorm folding) and ``packed``
+(accel.cpu_inference's packed oneDNN linears) transform the model for the inference columns only). All models are built in one process; timings warm up first, then each model
 is timed in turn, rotating the order every round, and the median is reported. Columns:
 inference img/s, one training step (forward + backward + AdamW) img/s, forward GFLOPs
 (torch.utils.flop_counter, attention included on CPU too), parameters, peak memory of a training
@@ -38,6 +38,7 @@ os.environ.setdefault("PROJECT_ROOT", ROOT)
 from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 
+from accel.backbones.levit import fuse_levit  # noqa: E402
 from accel.cpu_inference import pack_for_cpu_inference  # noqa: E402
 from accel.flops import count_flops  # noqa: E402
 from pipeline import instantiate  # noqa: E402
@@ -57,12 +58,13 @@ class Entry:
     results: Dict[str, float] = field(default_factory=dict)
 
 
-FLAGS = ("packed",)
+FLAGS = ("packed", "fused")
 
 
 def expand(spec: str) -> List[List[str]]:
     """One spec string → a list of override lists (comma values expand as in a Hydra sweep).
-    The word ``packed`` (not an override) runs that model with accel.cpu_inference packing."""
+    The words ``fused`` (LeViT BatchNorm folding) and ``packed`` (accel.cpu_inference) are
+    inference transforms, not overrides."""
     words = spec.split()
     if words and "=" not in words[0]:
         words[0] = f"model={words[0]}"
@@ -87,9 +89,11 @@ def build(overrides: List[str], args) -> Entry:
     if getattr(reducer, "explicit_attention", False):
         method += " explicit-attention"
     label = " ".join(overrides)
-    entry = Entry(label, [o for o in overrides if o not in FLAGS], net, method + (" packed" if flags else ""),
+    if method == "timm" and "levit" in label:
+        method = "LeViT"
+    entry = Entry(label, [o for o in overrides if o not in FLAGS], net, " ".join([method, *flags]),
                   getattr(reducer, "keep_rate", 1.0))
-    entry.packed = bool(flags)
+    entry.flags = flags
     r = getattr(reducer, "r", None)
     entry.point = f"r={r}" if r is not None else f"{entry.keep_rate:g}"
     return entry
@@ -110,10 +114,12 @@ def prepare(entry: Entry, args) -> None:
     net = entry.net.to(args.device)
     if args.channels_last:
         net = net.to(memory_format=torch.channels_last)
-    if args.fuse and hasattr(net, "fuse"):
-        net.fuse()
     entry.net = net
-    infer = pack_for_cpu_inference(net) if entry.packed else net
+    infer = net
+    if "fused" in entry.flags or args.fuse:
+        infer = fuse_levit(infer)
+    if "packed" in entry.flags:
+        infer = pack_for_cpu_inference(infer)
     entry.infer = torch.compile(infer, dynamic=False) if args.compile else infer
 
 
@@ -280,7 +286,7 @@ def parse(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the inference forward")
-    p.add_argument("--fuse", action="store_true", help="call net.fuse() first (models that have it)")
+    p.add_argument("--fuse", action="store_true", help="fold LeViT BatchNorms into their Linear/Conv for inference")
     p.add_argument("--no-train", dest="train", action="store_false", help="skip the training-step columns")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--runs", type=int, default=5)
