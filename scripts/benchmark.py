@@ -116,7 +116,7 @@ def prepare(entry: Entry, args) -> None:
         net = net.to(memory_format=torch.channels_last)
     entry.net = net
     infer = net
-    if "fused" in entry.flags or args.fuse:
+    if "fused" in entry.flags or (args.fuse and entry.method.startswith("LeViT")):
         infer = fuse_levit(infer)
     if "packed" in entry.flags:
         infer = pack_for_cpu_inference(infer)
