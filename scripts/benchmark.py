@@ -7,7 +7,8 @@ same run.
         --model-args "model.pretrained_path=evit.pth"
 
 Each model is a string of Hydra overrides of conf/train.yaml (a bare first word is ``model=<word>``;
-comma lists expand; the words ``fused`` (LeViT BatchNorm folding) and ``packed``
+comma lists expand; the words ``fused`` (LeViT BatchNorm folding), ``reparam`` (slide attention's
+merged convolution) and ``packed``
 (accel.cpu_inference's packed oneDNN linears) transform the model for the inference columns only). All models are built in one process; timings warm up first, then each model
 is timed in turn, rotating the order every round, and the median is reported. Columns:
 inference img/s, one training step (forward + backward + AdamW) img/s, forward GFLOPs
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import csv
 import itertools
 import os
@@ -39,6 +41,7 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 
 from accel.backbones.levit import fuse_levit  # noqa: E402
+from accel.backbones.slide_swin import reparameterize_slide  # noqa: E402
 from accel.cpu_inference import pack_for_cpu_inference  # noqa: E402
 from accel.flops import count_flops  # noqa: E402
 from pipeline import instantiate  # noqa: E402
@@ -58,13 +61,13 @@ class Entry:
     results: Dict[str, float] = field(default_factory=dict)
 
 
-FLAGS = ("packed", "fused")
+FLAGS = ("packed", "fused", "reparam")
 
 
 def expand(spec: str) -> List[List[str]]:
     """One spec string → a list of override lists (comma values expand as in a Hydra sweep).
-    The words ``fused`` (LeViT BatchNorm folding) and ``packed`` (accel.cpu_inference) are
-    inference transforms, not overrides."""
+    The words ``fused`` (LeViT BatchNorm folding), ``reparam`` (slide attention's merged
+    convolution) and ``packed`` (accel.cpu_inference) are inference transforms, not overrides."""
     words = spec.split()
     if words and "=" not in words[0]:
         words[0] = f"model={words[0]}"
@@ -118,6 +121,8 @@ def prepare(entry: Entry, args) -> None:
     infer = net
     if "fused" in entry.flags or (args.fuse and entry.method.startswith("LeViT")):
         infer = fuse_levit(infer)
+    if "reparam" in entry.flags:
+        infer = reparameterize_slide(copy.deepcopy(infer))
     if "packed" in entry.flags:
         infer = pack_for_cpu_inference(infer)
     entry.infer = torch.compile(infer, dynamic=False) if args.compile else infer

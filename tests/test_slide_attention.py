@@ -52,3 +52,25 @@ def test_shift_path_is_fixed_and_deformed_path_learns():
     names = set(m.state_dict())
     assert {"qkv.weight", "dep_conv.weight", "dep_conv.bias", "dep_conv1.weight", "relative_position_bias_table",
             "proj.weight"} <= names, "the reference repository's parameter names"
+
+
+def test_slide_swin_t_matches_reference_size_and_trains():
+    from accel.backbones.slide_swin import create_slide_swin, reparameterize_slide
+    model = create_slide_swin("slide_swin_t")
+    assert sum(p.numel() for p in model.parameters()) == 28_348_834   # the reference model's count
+    small = create_slide_swin("slide_swin_t", num_classes=5, img_size=64)
+    out = small.train()(torch.randn(2, 3, 64, 64))
+    out.sum().backward()
+    assert out.shape == (2, 5) and small.layers[0].blocks[0].attn.slide.dep_conv1.weight.grad is not None
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        before = small.eval()(x)
+        after = reparameterize_slide(small)(x)
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=0)
+
+
+def test_slide_swin_bad_size():
+    from accel.backbones.slide_swin import create_slide_swin
+    from accel.errors import UserInputError
+    with pytest.raises(UserInputError, match="img_size=200 is not a multiple of 32"):
+        create_slide_swin("slide_swin_t", img_size=200)
