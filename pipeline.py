@@ -9,14 +9,13 @@ from typing import Any, Dict, List, Optional, Tuple
 import hydra
 from hydra.errors import InstantiationException
 import pytorch_lightning as pl
-import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks.progress import ProgressBar
 from rich.console import Console
 from rich.syntax import Syntax
 from rich.tree import Tree
 
-from accel.checkpoint import first_shape_mismatch
+from accel.checkpoint import first_shape_mismatch, load_file
 from accel.errors import UserInputError
 from accel.reducers.base import check_keep_rate
 
@@ -66,7 +65,7 @@ def instantiate_list(section: Optional[DictConfig]) -> List[Any]:
 
 def check_checkpoint_fits(path: str, module: pl.LightningModule) -> None:
     """Name the file and the first mismatched tensor when a checkpoint is for another model."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = load_file(path)
     sd = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
     if sd is None:
         raise UserInputError(f"ckpt_path={path!r} is not a Lightning checkpoint (no 'state_dict'); "

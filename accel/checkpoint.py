@@ -13,14 +13,19 @@ from accel.errors import UserInputError
 StateDict = Dict[str, torch.Tensor]
 
 
-def read_state_dict(path: str) -> StateDict:
-    """The parameter tensors stored in ``path``, whatever wrapper the file uses."""
+def load_file(path: str):
+    """The object saved in ``path`` (on the CPU), or one sentence if it is missing or unreadable."""
     if not path or not os.path.isfile(path):
         raise UserInputError(f"Checkpoint file {path!r} does not exist; expected a path to a .pth/.pt/.ckpt file.")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same sentence
         raise UserInputError(f"Checkpoint file {path!r} could not be read by torch.load ({exc}).") from exc
+
+
+def read_state_dict(path: str) -> StateDict:
+    """The parameter tensors stored in ``path``, whatever wrapper the file uses."""
+    obj = load_file(path)
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         sd = obj["state_dict"]
         # A checkpoint of this project: keep the network, drop the EMA copy and metrics.

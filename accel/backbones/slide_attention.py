@@ -51,9 +51,7 @@ class SlideAttention(nn.Module):
         self.merged: nn.Conv2d | None = None
 
     def neighbours(self, t: torch.Tensor) -> torch.Tensor:
-        """The ka² neighbour slots of ``t`` [N, hd, H, W] → [N, hd·ka², H, W]."""
-        if self.merged is not None:
-            return self.merged(t)
+        """The ka² neighbour slots of ``t`` [N, hd, H, W] → [N, hd·ka², H, W] (two-path form)."""
         out = self.dep_conv(t)
         return out + self.dep_conv1(t) if self.use_deform else out
 
