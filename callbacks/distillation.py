@@ -78,14 +78,19 @@ class Distillation(pl.Callback):
 
     def loss(self, images: torch.Tensor, outputs, targets: torch.Tensor, criterion: nn.Module) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """Total loss and its parts for one training batch (called by the module)."""
-        if not isinstance(outputs, (tuple, list)) or len(outputs) != 2:
+        if not isinstance(outputs, (tuple, list)) or len(outputs) not in (2, 4):
             raise UserInputError("The student returned one output in training; expected (class, distillation) "
                                  "logits from a distilled model in distilled-training mode.")
-        cls_logits, dist_logits = outputs
-        base = criterion(cls_logits, targets)
         self.teacher.to(images.device)
         with torch.no_grad():
-            teacher_logits = self.teacher(images)
-        total, distill = distillation_loss(cls_logits, dist_logits, teacher_logits.float(), base, self.kind,
-                                           self.alpha, self.tau)
+            teacher_logits = self.teacher(images).float()
+        # Evo-LeViT adds auxiliary [CLS] (class, distillation) heads; its loss (Evo-ViT
+        # levit/losses_levit.py, type 'cls') is the mean over the two pairs.
+        pairs = [outputs[i:i + 2] for i in range(0, len(outputs), 2)]
+        parts = []
+        for cls_logits, dist_logits in pairs:
+            base = criterion(cls_logits, targets)
+            parts.append((base, *distillation_loss(cls_logits, dist_logits, teacher_logits, base, self.kind,
+                                                   self.alpha, self.tau)))
+        base, total, distill = (sum(p[i] for p in parts) / len(parts) for i in range(3))
         return total, {"train/loss_base": base.detach(), "train/loss_distill": distill.detach()}

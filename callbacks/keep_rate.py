@@ -59,7 +59,8 @@ class KeepRateSchedule(pl.Callback):
         return keep_rate_at(trainer.global_step, ipe, self.target, self.start_epoch, self.epochs, self.shape)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        reducer = getattr(self._net(pl_module), "reducer", None)
+        net = self._net(pl_module)
+        reducer = getattr(net, "reducer", net)  # Evo-LeViT is its own reducer
         if self.evo_stage_epoch is not None and hasattr(reducer, "set_layerwise"):
             reducer.set_layerwise(trainer.current_epoch < self.evo_stage_epoch)
 
