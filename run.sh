@@ -6,6 +6,26 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
+# ffcv (in requirements.txt) is built from source against OpenCV and libjpeg-turbo, found by pkg-config.
+FFCV_DEBS="libopencv-dev libturbojpeg0-dev pkg-config"
+install_ffcv_build_deps() {
+  local missing="" deb
+  for deb in $FFCV_DEBS; do
+    dpkg -s "$deb" 2>/dev/null | grep -q '^Status: install ok installed' || missing="$missing $deb"
+  done
+  [ -z "$missing" ] && return 0
+  if ! command -v apt-get >/dev/null; then
+    echo "note: no apt-get here; install OpenCV and libjpeg-turbo development files and pkg-config with your" \
+         "package manager, or building ffcv (pip) fails." >&2
+  elif [ "$(id -u)" = 0 ]; then
+    echo "Installing ffcv's build dependencies:$missing" >&2
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $FFCV_DEBS >/dev/null
+  else
+    echo "note: not root, so not installing$missing; run: sudo apt-get install -y$missing" >&2
+  fi
+}
+
 VENV=${VENV:-.venv}
 PY=${PYTHON:-python3}
 
@@ -15,6 +35,7 @@ fi
 stamp="$VENV/.requirements.sha256"
 want=$(sha256sum requirements.txt | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  install_ffcv_build_deps
   "$VENV/bin/python" -m pip install --quiet --upgrade pip
   "$VENV/bin/python" -m pip install --quiet -r requirements.txt
   echo "$want" > "$stamp"
