@@ -52,6 +52,11 @@ def test_every_data_config_instantiates(tmp_path, data):
     extra = []
     if data == "imagenet":
         extra = [f"data.root={write_jpeg_folder(tmp_path / 'in')}", "data.num_classes=2"]
+    if data == "imagenet_ffcv":
+        from data.ffcv_writer import ImageFieldOptions, write_split
+        beton = str(tmp_path / "in.beton")
+        write_split(f"{write_jpeg_folder(tmp_path / 'in', splits=('train',))}/train", beton, ImageFieldOptions(), 1)
+        extra = [f"data.train_path={beton}", f"data.val_path={beton}", "data.num_classes=2", "data.num_workers=1"]
     cfg = make_cfg(tmp_path, [f"data={data}", *extra])
     dm = hydra.utils.instantiate(cfg.data)
     dm.setup("fit")
