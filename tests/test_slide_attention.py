@@ -61,7 +61,7 @@ def test_slide_swin_t_matches_reference_size_and_trains():
     small = create_slide_swin("slide_swin_t", num_classes=5, img_size=64)
     out = small.train()(torch.randn(2, 3, 64, 64))
     out.sum().backward()
-    assert out.shape == (2, 5) and small.layers[0].blocks[0].attn.slide.dep_conv1.weight.grad is not None
+    assert out.shape == (2, 5) and small.layers[0].blocks[0].attn.dep_conv1.weight.grad is not None
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         before = small.eval()(x)
@@ -74,3 +74,76 @@ def test_slide_swin_bad_size():
     from accel.errors import UserInputError
     with pytest.raises(UserInputError, match="img_size=200 is not a multiple of 32"):
         create_slide_swin("slide_swin_t", img_size=200)
+
+
+@pytest.mark.parametrize("dim, heads, size", [(64, 2, (5, 7)), (64, 1, (9, 4)), (96, 3, (14, 14))])
+def test_fused_kernel_equals_torch_path(dim, heads, size, monkeypatch):
+    """The compiled CPU kernel (re-parameterised, inference) gives the torch path's outputs, borders
+    included; it is what runs after reparameterize() on a CPU."""
+    from accel.backbones import slide_kernel
+    assert slide_kernel.available(), "CI machines have a C compiler; the fused kernel must build"
+    torch.manual_seed(2)
+    m = SlideAttention(dim, heads).eval()
+    x = torch.randn(3, *size, dim)
+    with torch.no_grad():
+        two_paths = m(x)
+        m.reparameterize()
+        calls = []
+        original = slide_kernel.slide_attention
+        monkeypatch.setattr(slide_kernel, "slide_attention", lambda *a: calls.append(1) or original(*a))
+        fused = m(x)
+        monkeypatch.setattr(slide_kernel, "available", lambda: False)
+        torch_path = m(x)
+    assert calls, "the fused kernel was not used"
+    torch.testing.assert_close(fused, two_paths, atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch_path, two_paths, atol=1e-5, rtol=0)
+
+
+def test_kernel_build_failure_falls_back_with_a_warning(tmp_path, monkeypatch):
+    from accel.backbones import slide_kernel
+    monkeypatch.setenv("ACCEL_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "false")   # a "compiler" that always fails
+    slide_kernel._library.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="slower torch path"):
+            assert not slide_kernel.available()
+        m = SlideAttention(32, 1).eval()
+        m.reparameterize()
+        with torch.no_grad():
+            assert m(torch.randn(1, 4, 4, 32)).shape == (1, 4, 4, 32)
+        assert not list(tmp_path.iterdir()), "a failed build leaves no file in the cache"
+    finally:
+        slide_kernel._library.cache_clear()
+
+
+def to_reference_layout(sd: dict) -> dict:
+    """This project's (timm) Slide-Swin state dict renamed to LeapLabTHU/Slide-Transformer's layout:
+    Microsoft Swin naming, downsample at the end of a stage, ``head.*``, wrapped in ``{'model': …}``."""
+    import re
+    out = {}
+    for k, v in sd.items():
+        k = re.sub(r"layers\.(\d+)\.downsample", lambda m: f"layers.{int(m.group(1)) - 1}.downsample", k)
+        out[k.replace("head.fc.", "head.")] = v
+        if k.endswith("attn.relative_position_bias_table") and v.dim() == 2:   # window attention
+            out[k.replace("bias_table", "index")] = torch.zeros(1, dtype=torch.long)   # a buffer the file carries
+    return {"model": out}
+
+
+def test_reference_slide_swin_checkpoint_loads_to_same_logits(tmp_path):
+    from accel.backbones.slide_swin import create_slide_swin
+    from accel.errors import UserInputError
+    torch.manual_seed(3)
+    source = create_slide_swin("slide_swin_t", num_classes=7, img_size=64).eval()
+    for p in source.parameters():   # every tensor distinct, so a wrong mapping shows in the logits
+        p.data.normal_(0, 0.05)
+    path = tmp_path / "slide_swin_t_reference.pth"
+    reference = to_reference_layout(source.state_dict())
+    assert "layers.0.downsample.reduction.weight" in reference["model"] and "head.weight" in reference["model"]
+    assert "layers.0.blocks.0.attn.dep_conv1.weight" in reference["model"]
+    torch.save(reference, path)
+    loaded = create_slide_swin("slide_swin_t", num_classes=7, img_size=64, pretrained_path=str(path)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), source(x), atol=0, rtol=0)
+    with pytest.raises(UserInputError, match="does not fit"):
+        create_slide_swin("slide_swin_s", num_classes=7, img_size=64, pretrained_path=str(path))

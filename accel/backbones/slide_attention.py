@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from accel.backbones import slide_kernel
+
 
 def shift_kernel(channels: int, ka: int) -> torch.Tensor:
     """Depthwise weight [channels·ka², 1, ka, ka]: output channel ``c·ka² + i`` copies channel ``c``
@@ -58,6 +60,9 @@ class SlideAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
         nh, hd, k2 = self.num_heads, self.head_dim, self.ka * self.ka
+        if self._use_kernel(x):
+            out = slide_kernel.slide_attention(self.qkv(x), *self._kernel_weights, nh, self.ka, self.scale)
+            return self.proj_drop(self.proj(out))
         qkv = self.qkv(x).permute(0, 3, 1, 2).reshape(B * nh, 3 * hd, H, W)
         q, k, v = qkv.split(hd, dim=1)
         if self.merged is not None:
@@ -69,6 +74,20 @@ class SlideAttention(nn.Module):
         attn = self.attn_drop((q * k_nb).sum(dim=2, keepdim=True).softmax(dim=3))   # [B, nh, 1, k2, H, W]
         out = (attn * v_nb).sum(dim=3).reshape(B, C, H, W).permute(0, 2, 3, 1)
         return self.proj_drop(self.proj(out))
+
+    def _use_kernel(self, x: torch.Tensor) -> bool:
+        """The fused C kernel runs the re-parameterised module at inference on CPU float32."""
+        return (self.merged is not None and not self.training and x.device.type == "cpu"
+                and x.dtype == torch.float32 and not (torch.is_grad_enabled() and x.requires_grad)
+                and slide_kernel.supports(self.ka, self.head_dim) and slide_kernel.available())
+
+    @property
+    def _kernel_weights(self):
+        """The merged convolution slot-major ([ka², ka², hd], [ka², hd]) and the table [nh, ka²]."""
+        hd, k2 = self.head_dim, self.ka ** 2
+        weight = self.merged.weight.detach().view(hd, k2, k2).permute(1, 2, 0)
+        bias = self.merged.bias.detach().view(hd, k2).t()
+        return weight, bias, self.relative_position_bias_table.detach().view(self.num_heads, k2)
 
     def _forward_slots(self, q, k, v, B: int, H: int, W: int) -> torch.Tensor:
         """Re-parameterised path: one neighbour slot at a time, so the k²-times expanded keys and

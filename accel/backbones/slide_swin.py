@@ -8,6 +8,7 @@ from typing import Optional
 
 import timm
 import torch
+from timm.models.swin_transformer import checkpoint_filter_fn as swin_checkpoint_filter
 from torch import nn
 
 from accel.backbones.slide_attention import SlideAttention
@@ -21,19 +22,20 @@ VARIANTS = {
 }
 
 
-class SlideBlockAttention(nn.Module):
+class SlideBlockAttention(SlideAttention):
     """Slide attention where a Swin block expects window attention on [B·nW, N, C] tokens; the
-    window is the whole map, so nW = 1."""
+    window is the whole map, so nW = 1. A subclass, not a wrapper, so that parameter names are the
+    reference's (``layers.i.blocks.j.attn.dep_conv1.weight`` …) and its checkpoints load."""
 
     def __init__(self, dim: int, num_heads: int, resolution, ka: int = 3, qkv_bias: bool = True) -> None:
-        super().__init__()
+        super().__init__(dim, num_heads, ka=ka, qkv_bias=qkv_bias)
         self.resolution = tuple(resolution)
-        self.slide = SlideAttention(dim, num_heads, ka=ka, qkv_bias=qkv_bias)
+        self.window_size = self.resolution   # read by timm's Swin checkpoint filter
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         B, N, C = x.shape
         H, W = self.resolution
-        return self.slide(x.view(B, H, W, C)).reshape(B, N, C)
+        return super().forward(x.view(B, H, W, C)).reshape(B, N, C)
 
 
 def create_slide_swin(name: str = "slide_swin_t", num_classes: int = 1000, img_size: int = 224,
@@ -55,8 +57,17 @@ def create_slide_swin(name: str = "slide_swin_t", num_classes: int = 1000, img_s
             res = (windows[i], windows[i])
             blk.attn = SlideBlockAttention(blk.attn.qkv.in_features, blk.attn.num_heads, res, ka=ka)
     if pretrained_path:
-        load_into(model, pretrained_path)
+        # timm's Swin filter also reads the reference's (Microsoft Swin) layout: downsample at the end
+        # of a stage, ``head.*``, persistent relative-position indices.
+        load_into(model, pretrained_path, filter_fn=_reference_filter)
     return model
+
+
+def _reference_filter(state_dict: dict, model: nn.Module) -> dict:
+    try:
+        return swin_checkpoint_filter(state_dict, model)
+    except AttributeError as e:   # timm's filter looks up a module named by a key this model lacks
+        raise UserInputError(f"Checkpoint does not fit {type(model).__name__}: {e}.") from None
 
 
 def reparameterize_slide(model: nn.Module) -> nn.Module:
