@@ -26,6 +26,10 @@ def test_every_model_config_builds_a_classifier(tmp_path, model):
     with torch.no_grad():
         out = module(torch.randn(2, 3, size, size))
     assert out.shape == (2, cfg.data.num_classes)
+    train_out = module.train()(torch.randn(2, 3, size, size))   # a training step's forward and backward
+    outputs = train_out if isinstance(train_out, tuple) else (train_out,)
+    sum(o.float().mean() for o in outputs).backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
 
 
 @pytest.mark.parametrize("trainer", options("trainer"))

@@ -147,3 +147,21 @@ def test_reference_slide_swin_checkpoint_loads_to_same_logits(tmp_path):
         torch.testing.assert_close(loaded(x), source(x), atol=0, rtol=0)
     with pytest.raises(UserInputError, match="does not fit"):
         create_slide_swin("slide_swin_s", num_classes=7, img_size=64, pretrained_path=str(path))
+
+
+def test_slide_pvt_v2_has_slide_attention_in_early_stages_and_takes_any_size():
+    from accel.backbones.slide_pvt import SlideTokenAttention, create_slide_pvt_v2
+    from accel.backbones.slide_swin import reparameterize_slide
+    assert sum(p.numel() for p in create_slide_pvt_v2("slide_pvt_v2_b1").parameters()) == 13_005_406   # paper: 13.0M
+    torch.manual_seed(4)
+    model = create_slide_pvt_v2("slide_pvt_v2_b2", num_classes=5)
+    kinds = [type(stage.blocks[0].attn) for stage in model.stages]
+    assert kinds[:2] == [SlideTokenAttention] * 2 and SlideTokenAttention not in kinds[2:]
+    x = torch.randn(2, 3, 96, 80)   # no position embedding: a non-square size works
+    out = model.train()(x)
+    out.sum().backward()
+    assert out.shape == (2, 5) and model.stages[1].blocks[0].attn.dep_conv1.weight.grad is not None
+    with torch.no_grad():
+        before = model.eval()(x)
+        after = reparameterize_slide(model)(x)
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=0)
