@@ -15,6 +15,7 @@ import pytorch_lightning as pl
 import torch
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.utils.agc import adaptive_clip_grad
 from timm.utils.model_ema import ModelEmaV3
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
@@ -45,6 +46,7 @@ class ImageClassifier(pl.LightningModule):
         smoothing: float = 0.1,
         mixup: Optional[Dict[str, Any]] = None,
         ema_decay: Optional[float] = None,
+        agc_clip: Optional[float] = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["backbone", "reducer", "optimizer", "scheduler"])
@@ -155,6 +157,14 @@ class ImageClassifier(pl.LightningModule):
         warmup = int(round(self.hparams.warmup_epochs * total / epochs))
         scheduler = self.scheduler_factory(optimizer, t_initial=total, warmup_t=min(warmup, total - 1))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        # LeViT's recipe clips by adaptive gradient clipping (unit-wise, relative to the weight norm),
+        # which Lightning's norm/value clipping cannot express.
+        if self.hparams.agc_clip:
+            adaptive_clip_grad(self.net.parameters(), clip_factor=self.hparams.agc_clip)
+        else:
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def lr_scheduler_step(self, scheduler, metric) -> None:
         # timm schedulers are stepped with the number of updates done so far.

@@ -86,3 +86,36 @@ def test_bad_image_size_and_foreign_checkpoint(tmp_path):
         create_levit("levit_128s", pretrained_path=str(tmp_path / "levit_256.pth"))
     with pytest.raises(UserInputError, match="Unknown LeViT model 'levit_999'"):
         create_levit("levit_999")
+
+
+def test_levit_recipe_uses_the_reference_optimiser_settings_and_adaptive_clipping(tmp_path):
+    """experiment=levit_256_in1k carries LeViT main.py's defaults, and its AGC clipping really
+    rescales gradients inside a Lightning optimisation step."""
+    import hydra
+    import pytorch_lightning as pl
+    from timm.utils.agc import adaptive_clip_grad
+    from conftest import make_cfg, write_jpeg_folder
+    cfg = make_cfg(tmp_path, ["experiment=levit_256_in1k", f"data.root={write_jpeg_folder(tmp_path / 'in')}",
+                              "data.num_classes=2"])
+    m = cfg.module
+    assert (m.lr, m.agc_clip, m.optimizer.weight_decay, m.ema_decay) == (5e-4, 0.01, 0.025, 0.99996)
+    assert (m.scheduler.lr_min, m.scheduler.warmup_lr_init, cfg.trainer.max_epochs) == (1e-5, 1e-6, 1000)
+    assert (cfg.data.batch_size, cfg.data.repeated_aug, cfg.callbacks.distillation.kind) == (256, 3, "hard")
+
+    cfg = make_cfg(tmp_path, ["model=levit_128s", "data=synthetic", "data.image_size=64", "data.num_classes=3",
+                              "module.agc_clip=0.01", "module.mixup.mixup_alpha=0", "module.mixup.cutmix_alpha=0"])
+    module = hydra.utils.instantiate(cfg.module)
+    torch.manual_seed(0)
+    images, targets = torch.randn(4, 3, 64, 64), torch.tensor([0, 1, 2, 0])
+    module.loss(module.net.train()(images), targets).backward()
+    raw = [p.grad.clone() for p in module.net.parameters()]
+    expected = [g.clone() for g in raw]
+    params = [p.detach().clone().requires_grad_() for p in module.net.parameters()]
+    for p, g in zip(params, expected):
+        p.grad = g
+    adaptive_clip_grad(params, clip_factor=0.01)
+    module.trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False)
+    module.configure_gradient_clipping(None)
+    clipped = [p.grad for p in module.net.parameters()]
+    assert any(not torch.equal(c, r) for c, r in zip(clipped, raw)), "AGC at 0.01 must clip some gradients"
+    assert all(torch.allclose(c, p.grad) for c, p in zip(clipped, params))
