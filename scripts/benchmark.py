@@ -93,9 +93,9 @@ def build(overrides: List[str], args) -> Entry:
         method += " explicit-attention"
     label = " ".join(overrides)
     if method == "timm" and "levit" in label:
-        method = "LeViT"
+        method = "Evo-LeViT" if "evo_levit" in label else "LeViT"
     entry = Entry(label, [o for o in overrides if o not in FLAGS], net, " ".join([method, *flags]),
-                  getattr(reducer, "keep_rate", 1.0))
+                  getattr(reducer if reducer is not None else net, "keep_rate", 1.0))
     entry.flags = flags
     r = getattr(reducer, "r", None)
     entry.point = f"r={r}" if r is not None else f"{entry.keep_rate:g}"
@@ -119,7 +119,7 @@ def prepare(entry: Entry, args) -> None:
         net = net.to(memory_format=torch.channels_last)
     entry.net = net
     infer = net
-    if "fused" in entry.flags or (args.fuse and entry.method.startswith("LeViT")):
+    if "fused" in entry.flags or (args.fuse and entry.method.startswith(("LeViT", "Evo-LeViT"))):
         infer = fuse_levit(infer)
     if "reparam" in entry.flags:
         infer = reparameterize_slide(copy.deepcopy(infer))
