@@ -2,14 +2,20 @@
 it, fit, then test the best checkpoint (or only evaluate a checkpoint with ``train=false``)."""
 from __future__ import annotations
 
+import glob
+import importlib
 import logging
 import os
-from typing import Any, Dict, List, Optional, Tuple
+import re
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import hydra
 from hydra.errors import InstantiationException
 import pytorch_lightning as pl
-from omegaconf import DictConfig, OmegaConf
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks.progress import ProgressBar
 from rich.console import Console
 from rich.syntax import Syntax
@@ -18,16 +24,76 @@ from rich.tree import Tree
 from accel.checkpoint import first_shape_mismatch, load_file
 from accel.errors import UserInputError
 from accel.reducers.base import check_keep_rate
+from callbacks.resume_state import wandb_run_id
 
 log = logging.getLogger(__name__)
 
 TREE_ORDER = ("data", "model", "reducer", "module", "callbacks", "logger", "trainer", "paths", "extras")
 
 
-def check_config(cfg: DictConfig) -> None:
-    """Reject values a user can get wrong before anything is built or written."""
-    check_keep_rate(cfg.get("keep_rate", 1.0))
+def check_plugins(overrides: Sequence[str], conf_dir: str) -> None:
+    """Name the pip package when a chosen config (``hydra/launcher=submitit_slurm``,
+    ``hparams_search=keep_rate_lr``) needs a Hydra plugin that is not installed; checked before Hydra
+    starts, which would otherwise stop on an unknown plugin class or config."""
+    for arg in overrides:
+        key, sep, choice = arg.lstrip("+~").partition("=")
+        path = os.path.join(conf_dir, key.lstrip("/"), f"{choice}.yaml")
+        if not sep or not os.path.isfile(path):
+            continue
+        with open(path) as f:
+            modules = sorted(set(re.findall(r"hydra_plugins\.(\w+)", f.read())))
+        for module in modules:
+            try:
+                importlib.import_module(f"hydra_plugins.{module}")
+            except ImportError:
+                package = module.replace("_", "-")
+                raise UserInputError(f"{key}={choice} needs the Hydra plugin {package}, which is not installed; "
+                                     f"install it with `pip install -r requirements.txt` (or pip install {package}).") from None
+
+
+def newest_run_checkpoint(run_dir: str) -> Optional[str]:
+    """The newest of ``checkpoints/last.ckpt`` (periodic or on SIGTERM) and Lightning's SLURM requeue
+    checkpoints ``hpc_ckpt_<n>.ckpt`` in a run directory, or None."""
+    found = glob.glob(os.path.join(run_dir, "checkpoints", "last.ckpt")) + glob.glob(os.path.join(run_dir, "hpc_ckpt_*.ckpt"))
+    return max(found, key=os.path.getmtime, default=None)
+
+
+def resolve_ckpt_path(cfg: DictConfig) -> Optional[str]:
+    """The checkpoint to start from: ``ckpt_path`` as given; ``last`` → the newest checkpoint in this
+    run's directory; unset while training → that one too if it exists (a requeued SLURM job re-runs in
+    its own run directory), so a rerun never overwrites a run's checkpoints with a fresh start."""
     ckpt = cfg.get("ckpt_path")
+    automatic = ckpt is None and cfg.get("train", True)
+    if ckpt != "last" and not automatic:
+        return ckpt
+    run_dir = cfg.paths.output_dir
+    found = newest_run_checkpoint(run_dir)
+    if ckpt == "last" and found is None:
+        raise UserInputError(f"ckpt_path=last found no checkpoints/last.ckpt or hpc_ckpt_*.ckpt in the run directory "
+                             f"{run_dir}; expected hydra.run.dir=<the run to resume> (or ckpt_path=<file.ckpt>).")
+    if found and ckpt is None:
+        log.info("Resuming from %s, found in the run directory.", found)
+    return found
+
+
+def check_devices(trainer: DictConfig) -> None:
+    """GPUs asked for per node must be visible. CPU processes are not limited: Lightning runs as many
+    as asked (trainer=ddp_sim runs 2 on any machine), and over-subscribing cores is a choice."""
+    devices, accelerator = trainer.get("devices", "auto"), trainer.get("accelerator", "auto")
+    if isinstance(devices, str) and devices.isdigit():
+        devices = int(devices)
+    uses_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    if uses_gpu and isinstance(devices, int) and devices > torch.cuda.device_count():
+        visible = torch.cuda.device_count()
+        raise UserInputError(f"trainer.devices={devices} but this node has {visible} visible GPU(s); expected at most "
+                             f"{visible} (trainer.devices counts GPUs per node; add nodes with trainer.num_nodes).")
+
+
+def check_config(cfg: DictConfig, ckpt: Optional[str] = None) -> None:
+    """Reject values a user can get wrong before anything is built or written (``ckpt``: the
+    resolved checkpoint path, see resolve_ckpt_path)."""
+    check_keep_rate(cfg.get("keep_rate", 1.0))
+    check_devices(cfg.trainer)
     if ckpt and not os.path.isfile(ckpt):
         raise UserInputError(f"ckpt_path={ckpt!r} does not exist; expected a .ckpt file written by this project "
                              "(e.g. logs/train/runs/<date>/checkpoints/last.ckpt).")
@@ -63,9 +129,9 @@ def instantiate_list(section: Optional[DictConfig]) -> List[Any]:
     return [instantiate(c) for c in section.values() if isinstance(c, DictConfig) and "_target_" in c]
 
 
-def check_checkpoint_fits(path: str, module: pl.LightningModule) -> None:
+def check_checkpoint_fits(path: str, module: pl.LightningModule, ckpt: Optional[Dict[str, Any]] = None) -> None:
     """Name the file and the first mismatched tensor when a checkpoint is for another model."""
-    ckpt = load_file(path)
+    ckpt = load_file(path) if ckpt is None else ckpt
     sd = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
     if sd is None:
         raise UserInputError(f"ckpt_path={path!r} is not a Lightning checkpoint (no 'state_dict'); "
@@ -106,18 +172,54 @@ def build(cfg: DictConfig) -> Tuple[pl.LightningDataModule, pl.LightningModule, 
     return datamodule, module, trainer
 
 
+def sweep_group_and_job() -> Tuple[Optional[str], Optional[str]]:
+    """In a multirun: the sweep directory's name (a W&B group) and ``<job num>:<overrides>`` (a W&B
+    run name); outside one, (None, None)."""
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None, None
+    hc = HydraConfig.get()
+    return os.path.basename(os.path.normpath(hc.sweep.dir)), f"{hc.job.num}:{hc.job.override_dirname}".rstrip(":")
+
+
+def prepare_loggers(cfg: DictConfig, ckpt: Optional[Dict[str, Any]]) -> None:
+    """Logger settings that depend on the run: W&B group/name per sweep job and, on resume, the saved
+    W&B run id (``resume="allow"``); a CSV log already in the run directory is kept by writing the
+    resumed part beside it (``csv/resume_<k>/``), as Lightning's CSVLogger deletes an existing file."""
+    loggers = cfg.get("logger") or {}
+    with open_dict(cfg):
+        if loggers.get("wandb") is not None:
+            wandb = loggers.wandb
+            group, job = sweep_group_and_job()
+            if group and not wandb.get("group"):
+                wandb.group, wandb.name = group, wandb.get("name") or job
+            run_id = wandb_run_id(ckpt) if ckpt else None
+            if run_id:
+                wandb.id, wandb.resume = run_id, "allow"
+        csv = loggers.get("csv")
+        if ckpt is not None and csv is not None:
+            base = os.path.join(str(csv.save_dir), str(csv.name or ""))
+            k = 0
+            while os.path.isfile(os.path.join(base, str(csv.version) if k == 0 else f"resume_{k}", "metrics.csv")):
+                k += 1
+            if k:
+                csv.version = f"resume_{k}"
+
+
 def run(cfg: DictConfig) -> Dict[str, float]:
     """Fit and/or test as the config says; return the metrics logged by the last stage."""
-    check_config(cfg)
+    ckpt_path = resolve_ckpt_path(cfg)
+    check_config(cfg, ckpt_path)
+    ckpt = load_file(ckpt_path) if ckpt_path else None
+    prepare_loggers(cfg, ckpt)
     pl.seed_everything(cfg.seed, workers=True)
     datamodule, module, trainer = build(cfg)
     if trainer.global_rank == 0:
         print_config_tree(cfg, cfg.paths.output_dir)
     for lg in trainer.loggers:
         lg.log_hyperparams(resolved_without_hydra(cfg))
-    ckpt_path = cfg.get("ckpt_path")
     if ckpt_path:
-        check_checkpoint_fits(ckpt_path, module)
+        check_checkpoint_fits(ckpt_path, module, ckpt)
+        del ckpt  # Lightning loads it again where it restores the training state
 
     metrics: Dict[str, float] = {}
     if cfg.get("train", True):

@@ -3,14 +3,21 @@
 Hydra composes conf/train.yaml with the overrides; pipeline.run does the work."""
 import os
 import sys
+import warnings
 
 import hydra
 from omegaconf import DictConfig
 
 os.environ.setdefault("PROJECT_ROOT", os.path.dirname(os.path.abspath(__file__)))
+CONF_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf")
 
 from accel.errors import UserInputError, one_line  # noqa: E402
-from pipeline import optimized_metric, run  # noqa: E402
+from pipeline import check_plugins, optimized_metric, run  # noqa: E402
+
+
+def stop(exc: UserInputError) -> None:
+    print(f"error: {one_line(exc)}", file=sys.stderr)
+    sys.exit(2)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train.yaml")
@@ -18,9 +25,16 @@ def main(cfg: DictConfig):
     try:
         return optimized_metric(cfg, run(cfg))
     except UserInputError as exc:
-        print(f"error: {one_line(exc)}", file=sys.stderr)
-        sys.exit(2)
+        stop(exc)
 
 
 if __name__ == "__main__":
+    # conf/hydra/launcher/submitit_*.yaml share their names with the plugin's schemas, so Hydra checks them
+    # against those (wanted: typos fail) and warns that this matching is deprecated; both files set every
+    # field themselves, so they stay valid when Hydra drops it.
+    warnings.filterwarnings("ignore", message=r"(?s).*is validated against ConfigStore schema with the same name")
+    try:
+        check_plugins(sys.argv[1:], CONF_DIR)  # before Hydra, which cannot name the missing package
+    except UserInputError as exc:
+        stop(exc)
     main()

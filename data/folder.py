@@ -10,7 +10,7 @@ import pytorch_lightning as pl
 import torch
 from timm.data import create_transform
 from timm.data.distributed_sampler import RepeatAugSampler
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from accel.errors import UserInputError
 from data.checked_folder import CheckedImageFolder
@@ -29,6 +29,14 @@ def check_folder_layout(root: Optional[str]) -> None:
         if not os.path.isdir(path) or not any(e.is_dir() for e in os.scandir(path)):
             raise UserInputError(f"data.root={root!r} has no {split}/ class folders ({path} is missing or empty); "
                                  "expected root/train/<class>/*.jpg and root/val/<class>/*.jpg.")
+
+
+class RankedRepeatAugSampler(RepeatAugSampler, DistributedSampler):
+    """DeiT's repeated augmentation (Touvron et al. 2021, Sec. 6; Hoffer et al. 2020), timm's
+    RepeatAugSampler unchanged: each image ``num_repeats`` times per epoch, consecutive copies on
+    different ranks. It already draws this rank's share, so it is also typed as a DistributedSampler:
+    Lightning leaves those alone under DDP, whereas any other sampler gets wrapped in a
+    DistributedSamplerWrapper that would shard it a second time (1/world² of the data per rank)."""
 
 
 class ImageFolderDataModule(pl.LightningDataModule):
@@ -95,7 +103,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
         if self.hparams.repeated_aug > 1:
             world = self.trainer.world_size if self.trainer else 1
             rank = self.trainer.global_rank if self.trainer else 0
-            sampler = RepeatAugSampler(self.train_set, num_replicas=world, rank=rank, shuffle=True,
+            sampler = RankedRepeatAugSampler(self.train_set, num_replicas=world, rank=rank, shuffle=True,
                                        num_repeats=self.hparams.repeated_aug)
         # drop_last keeps every batch even-sized, which timm's Mixup requires.
         return self._loader(self.train_set, shuffle=True, drop_last=True, sampler=sampler)

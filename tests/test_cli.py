@@ -1,5 +1,8 @@
 """train.py as a user runs it: bad input gives one sentence and exit code 2; multirun; DDP."""
+import collections
+import csv
 import glob
+import json
 import os
 
 import pytest
@@ -72,12 +75,29 @@ def test_multirun_gives_each_job_its_own_directory_and_wandb_run(tmp_path):
     assert "model=deit_t" in names[0] and "model=deit_s" in names[1]
 
 
-def test_ddp_sim_trains_with_two_processes(tmp_path):
-    proc = run_train(["trainer=ddp_sim", *FAST, "debug=limit", "data.batch_size=16", *OUT(tmp_path)])
+def test_ddp_sim_trains_with_two_processes_and_repeated_augmentation(tmp_path):
+    # DeiT's repeated augmentation (3 copies per image) under 2-process DDP; each rank records its sampler.
+    samplers = tmp_path / "samplers"
+    proc = run_train(["trainer=ddp_sim", *FAST, "debug=limit", "data.batch_size=16", "trainer.log_every_n_steps=1",
+                      "+data.repeated_aug=3", "+callbacks.record._target_=scale_out_helpers.RecordSampler",
+                      f"+callbacks.record.out={samplers}", *OUT(tmp_path)],
+                     env_extra={"PYTHONPATH": os.path.dirname(os.path.abspath(__file__))})
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = glob.glob(str(tmp_path / "train" / "runs" / "*"))[0]
     ckpt = torch.load(os.path.join(run_dir, "checkpoints", "last.ckpt"), map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 6  # 2 epochs × 3 batches per process
-    rows = open(os.path.join(run_dir, "csv", "metrics.csv")).read().splitlines()
-    val_rows = [r for r in rows[1:] if r.split(",")[rows[0].split(",").index("val/acc1")]]
-    assert len(val_rows) == 2, "validation is logged once per epoch, not once per process"
+    with open(os.path.join(run_dir, "csv", "metrics.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert len([r for r in rows if r.get("val/acc1")]) == 2, "validation is logged once per epoch, not once per process"
+    assert sorted(int(r["step"]) for r in rows if r.get("train/loss_step")) == list(range(6)), "one row per step"
+
+    ranks = [json.load(open(samplers / f"rank{r}.json")) for r in (0, 1)]
+    # Lightning kept the datamodule's sampler (not re-sharded through a DistributedSamplerWrapper) ...
+    assert all(r["type"] == "RankedRepeatAugSampler" and r["world"] == 2 for r in ranks)
+    # ... so each rank draws its share: DeiT's count, floor(1437 // 256 * 256 / 2) = 640 images per epoch,
+    assert [len(r["indices"]) for r in ranks] == [640, 640]
+    # and the copies of an image are spread over the ranks: consecutive copies go to different ranks.
+    seen = [set(r["indices"]) for r in ranks]
+    assert len(seen[0] & seen[1]) > 0.9 * min(len(s) for s in seen)
+    per_rank = [collections.Counter(r["indices"]) for r in ranks]
+    assert max(max(c.values()) for c in per_rank) == 2 and max((per_rank[0] + per_rank[1]).values()) == 3
