@@ -11,8 +11,9 @@ import torch.nn.functional as F
 
 
 def evo_levit_reference(sd, images, embed_dim, key_dim, num_heads, depth, layer_ratios, stage_ratios,
-                        training=False, stage_wise=True, learn_tradeoff=True):
-    """The reference's output: eval → (head + head_dist) / 2; training → the 4 heads."""
+                        training=False, stage_wise=True, learn_tradeoff=True, record=None):
+    """The reference's output: eval → (head + head_dist) / 2; training → the 4 heads. ``record``
+    (a list) receives the sorted global attention at every selection."""
 
     def bn(x, p):  # BatchNorm with the stored statistics (eval) or the batch's (training)
         return F.batch_norm(x, sd[p + ".running_mean"].clone(), sd[p + ".running_var"].clone(), sd[p + ".weight"],
@@ -63,6 +64,8 @@ def evo_levit_reference(sd, images, embed_dim, key_dim, num_heads, depth, layer_
         order = torch.argsort(g["ga"], dim=1, descending=True)
         x = torch.cat([x[:, :1], rows(x[:, 1:], order)], dim=1)
         g["ga"], g["oi"] = rows(g["ga"], order), rows(g["oi"], order)
+        if record is not None:
+            record.append(g["ga"].clone())
         parked = x[:, n_keep + 1:]
         w = g["ga"][:, n_keep:]
         w = w / w.sum(dim=1, keepdim=True)

@@ -43,24 +43,32 @@ def randomise(model):
 
 def reference(model, name, sd, x, **kw):
     arch = model_cfgs[name[len("evo_"):]]
-    cfg = config(name)
     return evo_levit_reference(sd, x, arch["embed_dim"], arch["key_dim"], arch["num_heads"], arch["depth"],
-                               list(cfg.prune_ratios), list(cfg.stage_prune_ratios), **kw)
+                               model.prune_ratios, model.stage_prune_ratios, **kw)
 
 
-# 224²: the real token counts (196 → 98 kept; 49 → 24; 16 → 8). 64²/96²: small grids, where one
-# stage parks a single token (the reference's length test then updates its score too).
-@pytest.mark.parametrize("name,size,kept", [("evo_levit_128s", 224, [24, 8]), ("evo_levit_256", 64, [8, 2, 0]),
-                                            ("evo_levit_192", 96, [18, 4, 2])])
-def test_eval_logits_equal_reference(name, size, kept):
+# 224²: the real token counts (196 → 98 kept; 49 → 24; 16 → 8). 64²/96²: small grids. Stage ratio
+# 0.98 at 49 tokens parks a single one: the reference's length test then updates its score too,
+# and that score decides the next stage's selection.
+@pytest.mark.parametrize("name,size,stage_ratios,kept", [
+    ("evo_levit_128s", 224, None, [24, 8]), ("evo_levit_256", 64, None, [8, 2, 0]),
+    ("evo_levit_192", 96, None, [18, 4, 2]), ("evo_levit_128s", 224, [0.5, 0.98, 0.5], [48, 8])])
+def test_eval_logits_equal_reference(name, size, stage_ratios, kept):
     model = randomise(make(name, size)).eval()
+    if stage_ratios:
+        model.stage_prune_ratios = stage_ratios
     sd = ours_to_reference(model.state_dict(), model.depth, model.pruned_layers)
     x = torch.randn(3, 3, size, size)
+    scores = []
     with torch.no_grad():
-        ours, ref = model(x), reference(model, name, sd, x)
+        ours, ref = model(x), reference(model, name, sd, x, record=scores)
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
-    # One selection per stage with pruned layers (128S's first stage has none).
+    # One selection per stage with pruned layers (128S's first stage has none), ranked by the same
+    # global class attention (carried through the shrinking attentions, rescaled to keep ΣA).
     assert [sel["kept"].shape[1] for sel in model.last_selection] == kept
+    assert len(scores) == len(kept)
+    for sel, A in zip(model.last_selection, scores):
+        torch.testing.assert_close(sel["global_attention"], A, atol=1e-7, rtol=1e-5)
 
 
 @pytest.mark.parametrize("layerwise", [False, True])
