@@ -1,5 +1,6 @@
-"""What ``train.py`` does, as functions tests can call: check the config, build the objects from
-it, fit, then test the best checkpoint (or only evaluate a checkpoint with ``train=false``)."""
+"""What ``train.py`` does, as functions tests can call: check the config, find the checkpoint to
+resume from, build the objects from it, fit, then test the best checkpoint (or only evaluate a
+checkpoint with ``train=false``)."""
 from __future__ import annotations
 
 import glob

@@ -14,13 +14,15 @@ import pytest
 import submitit
 import torch
 import yaml
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 
 from accel.errors import UserInputError
 from callbacks.atomic_checkpoint_io import AtomicCheckpointIO
+from callbacks.preemption import PreemptionCheckpoint
 from callbacks.resume_state import ResumeState
 from conftest import FAST, ROOT, make_cfg, run_train
-from pipeline import run
+from pipeline import prepare_loggers, run
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 # A tiny EViT on digits: 2 blocks, both reducing.
@@ -106,6 +108,17 @@ def test_slurm_launcher_would_submit_one_job_per_point_with_the_configured_resou
     assert not any("USR2" in line for line in sbatch), "SIGUSR1 goes to Lightning, not to submitit"
 
 
+def test_wandb_runs_of_a_sweep_share_a_group_and_a_resume_continues_the_saved_run(tmp_path):
+    cfg = make_cfg(tmp_path, ["logger=wandb", "hydra.mode=MULTIRUN", "hydra.job.num=3"])
+    prepare_loggers(cfg, {"wandb_run_id": "abc123"})
+    sweep_name = os.path.basename(HydraConfig.get().sweep.dir)
+    assert sweep_name and cfg.logger.wandb.group == sweep_name and cfg.logger.wandb.name == "3:logger=wandb"
+    assert cfg.logger.wandb.id == "abc123" and cfg.logger.wandb.resume == "allow"
+    single = make_cfg(tmp_path / "single", ["logger=wandb"])
+    prepare_loggers(single, None)
+    assert not single.logger.wandb.group and "id" not in single.logger.wandb
+
+
 def read_ckpt(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
@@ -158,6 +171,21 @@ def test_sigterm_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path):
     wandb_runs = glob.glob(str(run_dir / "wandb" / "offline-run-*"))
     assert len(wandb_runs) == 2 and all(p.endswith("-" + stopped["wandb_run_id"]) for p in wandb_runs), \
         "the resumed run continues the same W&B run id"
+
+
+def test_sigusr1_outside_slurm_takes_the_sigterm_path(monkeypatch):
+    monkeypatch.delenv("SLURM_NTASKS", raising=False)
+    received = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    try:
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+        PreemptionCheckpoint(dirpath="unused").on_train_start(None, None)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(0.1)
+        assert received == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
 
 
 def test_resume_state_restores_the_random_number_generators():
