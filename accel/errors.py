@@ -13,3 +13,15 @@ def one_line(exc: BaseException) -> str:
     last = text.splitlines()[-1] if text else type(exc).__name__
     marker = "UserInputError: "
     return last.split(marker, 1)[1] if marker in last else last
+
+
+def run_cli(main) -> None:
+    """Run a command-line entry point: a UserInputError ends it with ``error: <sentence>`` on
+    stderr and exit code 2, without a traceback."""
+    import sys
+
+    try:
+        main()
+    except UserInputError as exc:
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        sys.exit(2)

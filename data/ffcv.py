@@ -137,7 +137,13 @@ class FFCVDataModule(pl.LightningDataModule):
         self.num_classes = num_classes
         self.image_size = image_size
         self.batch_size = batch_size
-        self.schedule = ResolutionSchedule(**progressive) if progressive else None
+        self.schedule = None
+        if progressive:
+            unknown = set(progressive) - set(ResolutionSchedule.__dataclass_fields__)
+            if unknown:
+                raise UserInputError(f"data.progressive has unknown keys {sorted(unknown)}; expected min_res, max_res, "
+                                     "start_ramp, end_ramp and step.")
+            self.schedule = ResolutionSchedule(**progressive)
         require_ffcv()
         check_beton("train_path", train_path, num_classes)
         check_beton("val_path", val_path, num_classes)

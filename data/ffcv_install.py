@@ -16,10 +16,16 @@ INSTALL_HINT = (f"ffcv is not importable; install its build dependencies (Debian
 
 def require_ffcv():
     """Return the ``ffcv`` package, or raise the install sentence as a UserInputError."""
+    import torch
+
+    threads = torch.get_num_threads()
     try:
         import ffcv
         import ffcv.fields  # noqa: F401 - the compiled extension loads here
         import ffcv.loader  # noqa: F401
     except ImportError as exc:
         raise UserInputError(INSTALL_HINT) from exc
+    finally:
+        # Importing ffcv sets torch's thread count to 1 (its Compiler's default); keep the caller's.
+        torch.set_num_threads(threads)
     return ffcv

@@ -13,6 +13,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import threading
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -159,20 +160,30 @@ def write_split(folder: str, out_path: str, options: ImageFieldOptions, num_work
     manager = multiprocessing.Manager()
     bad = manager.list()
     stop = on_corrupt == "stop"
-    source = _Source(samples, bad, os.getpid() if stop else None)
+    # Stopping early needs a signal handler, which only the main thread can install; elsewhere a bad
+    # file is still found, after the pass.
+    early_stop = stop and threading.current_thread() is threading.main_thread()
+    source = _Source(samples, bad, os.getpid() if early_stop else None)
     indices = list(range(len(samples)))
     skipped: Dict[int, Tuple[str, str]] = {}
 
-    def corrupt_seen(signum, frame):
-        raise _CorruptImageSeen()
+    writing = [False]   # the handler interrupts a write in progress only; `bad` is checked after it anyway
 
-    previous = signal.signal(signal.SIGUSR1, corrupt_seen) if stop else None
+    def corrupt_seen(signum, frame):
+        if writing[0]:
+            raise _CorruptImageSeen()
+
+    previous = signal.signal(signal.SIGUSR1, corrupt_seen) if early_stop else None
     try:
         while True:
             try:
+                writing[0] = True
                 _write_once(tmp, source, indices, options, num_workers)
+                writing[0] = False
             except _CorruptImageSeen:
                 pass   # the bad file is in `bad`; reported below
+            finally:
+                writing[0] = False
             if not bad:
                 break
             _remove(tmp)
@@ -188,7 +199,7 @@ def write_split(folder: str, out_path: str, options: ImageFieldOptions, num_work
                 raise UserInputError(f"No image under {folder} could be decoded; nothing was written.")
         os.replace(tmp, out_path)
     finally:
-        if stop:
+        if early_stop:
             signal.signal(signal.SIGUSR1, previous)
         _remove(tmp)
         manager.shutdown()

@@ -18,7 +18,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from accel.errors import UserInputError, one_line  # noqa: E402
+from accel.errors import UserInputError, run_cli  # noqa: E402
 from data.ffcv_writer import (ON_CORRUPT, WRITE_MODES, ImageFieldOptions, check_outputs,  # noqa: E402
                               split_folders, write_split)
 
@@ -65,10 +65,7 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     try:
-        main()
-    except UserInputError as exc:
-        print(f"error: {one_line(exc)}", file=sys.stderr)
-        sys.exit(2)
+        run_cli(main)
     except KeyboardInterrupt:
         print("interrupted; no partial .beton file was left behind.", file=sys.stderr)
         sys.exit(130)

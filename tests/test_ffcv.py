@@ -80,6 +80,7 @@ def test_pin_matches_requirements_and_missing_ffcv_says_how_to_install(monkeypat
 def test_read_back_labels_pixels_and_normalisation(betons):
     train, val = betons
     assert count_samples(train) == 18 and count_samples(val) == 18
+    threads = torch.get_num_threads()
     dm = FFCVDataModule(train, val, num_classes=3, image_size=24, batch_size=5, num_workers=1, drop_last=False,
                         order="quasi_random", random_erasing=None)
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
@@ -98,6 +99,7 @@ def test_read_back_labels_pixels_and_normalisation(betons):
         assert sorted(seen) == [c for c in range(3) for _ in range(6)], name
         if name == "val":
             assert seen == sorted(seen)   # sequential order
+    assert torch.get_num_threads() == threads   # ffcv would set it to its worker count
 
 
 def test_progressive_resolution_sets_the_decoder_size_each_epoch(betons):
@@ -105,6 +107,8 @@ def test_progressive_resolution_sets_the_decoder_size_each_epoch(betons):
     assert [schedule(e) for e in range(8)] == [160, 160, 160, 160, 192, 192, 192, 192]   # 168 → 160, 176 → 192
     with pytest.raises(UserInputError, match="min_res=200, max_res=192"):
         ResolutionSchedule(min_res=200, max_res=192)
+    with pytest.raises(UserInputError, match=r"data.progressive has unknown keys \['start'\]"):
+        FFCVDataModule(*betons, num_classes=3, progressive=dict(start=1))
     dm = FFCVDataModule(*betons, num_classes=3, image_size=32, batch_size=6, num_workers=1, random_erasing=None,
                         progressive=dict(min_res=16, max_res=32, start_ramp=0, end_ramp=1, step=16))
     loader = dm.train_dataloader()
