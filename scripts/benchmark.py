@@ -8,7 +8,8 @@ same run.
 
 Each model is a string of Hydra overrides of conf/train.yaml (a bare first word is ``model=<word>``;
 comma lists expand; the words ``fused`` (LeViT BatchNorm folding), ``reparam`` (slide attention's
-merged convolution) and ``packed``
+merged convolution), ``sdpa`` (timm attention modules' fused-attention switch, off in timm's Swin)
+and ``packed``
 (accel.cpu_inference's packed oneDNN linears) transform the model for the inference columns only). All models are built in one process; timings warm up first, then each model
 is timed in turn, rotating the order every round, and the median is reported. Columns:
 inference img/s, one training step (forward + backward + AdamW) img/s, forward GFLOPs
@@ -61,7 +62,7 @@ class Entry:
     results: Dict[str, float] = field(default_factory=dict)
 
 
-FLAGS = ("packed", "fused", "reparam")
+FLAGS = ("packed", "fused", "reparam", "sdpa")
 
 
 def expand(spec: str) -> List[List[str]]:
@@ -123,6 +124,11 @@ def prepare(entry: Entry, args) -> None:
         infer = fuse_levit(infer)
     if "reparam" in entry.flags:
         infer = reparameterize_slide(copy.deepcopy(infer))
+    if "sdpa" in entry.flags:   # timm's attention modules that keep SDPA behind a switch (Swin's)
+        infer = copy.deepcopy(infer)
+        for m in infer.modules():
+            if hasattr(m, "fused_attn"):
+                m.fused_attn = True
     if "packed" in entry.flags:
         infer = pack_for_cpu_inference(infer)
     entry.infer = torch.compile(infer, dynamic=False) if args.compile else infer

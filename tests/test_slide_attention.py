@@ -165,3 +165,19 @@ def test_slide_pvt_v2_has_slide_attention_in_early_stages_and_takes_any_size():
         before = model.eval()(x)
         after = reparameterize_slide(model)(x)
     torch.testing.assert_close(after, before, atol=1e-5, rtol=0)
+
+
+def test_slide_swin_fused_whole_map_attention_equals_timm_explicit_path():
+    """Stages 3-4 run through SDPA by default; logits and the position-table gradients are those of
+    timm's explicit attention."""
+    from accel.backbones.slide_swin import create_slide_swin
+    results = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        model = create_slide_swin("slide_swin_t", num_classes=5, img_size=64, fused_attn=fused, drop_path_rate=0.0)
+        assert model.layers[2].blocks[0].attn.fused_attn is fused
+        out = model.train()(torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1)))
+        out.sum().backward()
+        results.append((out.detach(), model.layers[2].blocks[0].attn.relative_position_bias_table.grad))
+    torch.testing.assert_close(results[1][0], results[0][0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(results[1][1], results[0][1], atol=1e-6, rtol=1e-4)
