@@ -122,7 +122,8 @@ def test_reference_names_round_trip_and_load(tmp_path):
     # Both registrations of a tensor: 'blocks' (layer-wise) and 'stage_blocks' (stage-wise).
     for key in ["patch_embed.6.c.weight", "poss", "blocks.0.m1.m.qkv.c.weight", "stage_blocks.0.m.qkv.c.weight",
                 "blocks.2.m2.m.2.bn.weight", "stage_blocks.4.m.3.m.2.bn.weight", "blocks.4.kv.c.weight",
-                "stage_blocks.5.poss", "blocks.5.m.0.c.weight", "stage_blocks.6.m.0.c.weight", "blocks.6.m1.m.learn_tradeoff",
+                "stage_blocks.5.poss", "blocks.5.m.0.c.weight", "stage_blocks.6.m.0.c.weight",
+                "blocks.6.m1.m.learn_tradeoff",
                 "stage_blocks.7.m.0.m.qkv.c.weight", "head_cls_dist.l.weight"]:
         assert key in ref, key
     back = reference_to_ours(ref, model.depth, model.pruned_layers)
@@ -160,7 +161,8 @@ def test_bad_input(tmp_path):
     with pytest.raises(UserInputError, match="full layers \\(ratio 1\\) must come before"):
         create_evo_levit("evo_levit_128s", [1, 1, 0.5, 1, 0.5, 0.5, 0.5, 0.5, 0.5], [0.5] * 3)
     torch.save(make("evo_levit_256", 64).state_dict(), tmp_path / "evo_levit_256.pth")
-    with pytest.raises(UserInputError, match=r"does not fit the model: cls_token has shape \(1, 1, 256\) in the file but \(1, 1, 128\)"):
+    with pytest.raises(UserInputError,
+                       match=r"does not fit the model: cls_token has shape \(1, 1, 256\) in the file but \(1, 1, 128\)"):
         make("evo_levit_128s", 64, pretrained_path=str(tmp_path / "evo_levit_256.pth"))
     torch.save(timm.create_model("levit_128s").state_dict(), tmp_path / "levit_128s.pth")
     with pytest.raises(UserInputError, match="does not fit the model: missing 'cls_token'"):

@@ -30,7 +30,8 @@ def is_reference_evo_levit(sd: StateDict) -> bool:
 
 def prefix_pairs(depth: Sequence[int], pruned: Sequence[bool]) -> List[Tuple[str, List[str], str]]:
     """(our prefix, the reference prefixes holding the same tensor, leaf for ``linear.``) in model order."""
-    pairs: List[Tuple[str, List[str], str]] = [(f"stem.conv{i + 1}.", [f"patch_embed.{2 * i}."], "c.") for i in range(4)]
+    pairs: List[Tuple[str, List[str], str]] = [(f"stem.conv{i + 1}.", [f"patch_embed.{2 * i}."], "c.")
+                                               for i in range(4)]
     pairs += [("cls_token", ["cls_token"], ""), ("pos_embed", ["poss"], "")]
     k = 0       # index in the reference's ``blocks``
     sb = 0      # index in its ``stage_blocks``
