@@ -123,6 +123,21 @@ def read_ckpt(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def train_until_sigterm(args, step, marker):
+    """``python train.py *args`` paused after training step ``step``; SIGTERM from outside; must exit 0."""
+    proc = subprocess.Popen([sys.executable, "train.py", *args, "+callbacks.pause._target_=scale_out_helpers.PauseAtStep",
+                             f"+callbacks.pause.step={step}", f"+callbacks.pause.marker={marker}"], cwd=ROOT,
+                            env=dict(os.environ, PYTHONPATH=TESTS, WANDB_MODE="offline"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert marker.exists(), proc.stderr.read()[-3000:] if proc.poll() is not None else "no pause"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+
+
 def test_sigterm_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path):
     # 3 epochs × 6 steps, keep rate from 1 down to 0.5 over epochs 0-1 (EViT's cosine schedule), EMA on,
     # last.ckpt also every 4 steps; SIGTERM arrives from outside after step 9 (epoch 1, batch 3 of 6).
@@ -133,19 +148,8 @@ def test_sigterm_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path):
     whole = tmp_path / "whole"
     run(make_cfg(whole, common))
 
-    run_dir, marker = tmp_path / "run", tmp_path / "paused"
-    env = dict(os.environ, PYTHONPATH=TESTS, WANDB_MODE="offline")
-    proc = subprocess.Popen([sys.executable, "train.py", *common, f"hydra.run.dir={run_dir}", "logger=[csv,wandb]",
-                             "+callbacks.pause._target_=scale_out_helpers.PauseAtStep", "+callbacks.pause.step=9",
-                             f"+callbacks.pause.marker={marker}"], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert marker.exists(), proc.stderr.read()[-3000:] if proc.poll() is not None else "no pause"
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err[-3000:]
+    run_dir = tmp_path / "run"
+    train_until_sigterm([*common, f"hydra.run.dir={run_dir}", "logger=[csv,wandb]"], 9, tmp_path / "paused")
 
     ckpt_dir = run_dir / "checkpoints"
     stopped = read_ckpt(ckpt_dir / "last.ckpt")  # loads: a whole file
@@ -171,6 +175,20 @@ def test_sigterm_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path):
     wandb_runs = glob.glob(str(run_dir / "wandb" / "offline-run-*"))
     assert len(wandb_runs) == 2 and all(p.endswith("-" + stopped["wandb_run_id"]) for p in wandb_runs), \
         "the resumed run continues the same W&B run id"
+
+
+def test_ddp_sigterm_stops_both_ranks_at_one_step_and_a_rerun_resumes_by_itself(tmp_path):
+    # 2 CPU processes, 2 epochs × 8 steps; SIGTERM to rank 0 after step 11, which forwards it to rank 1.
+    run_dir = tmp_path / "run"
+    args = ["trainer=ddp_sim", *FAST, "data.batch_size=16", "trainer.max_epochs=2", "trainer.limit_train_batches=8",
+            "trainer.limit_val_batches=1", "test=false", f"hydra.run.dir={run_dir}"]
+    train_until_sigterm(args, 11, tmp_path / "paused")
+    assert read_ckpt(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 11
+
+    rerun = run_train(args, env_extra={"PYTHONPATH": TESTS})  # ckpt_path unset: resumes from the run dir
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert read_ckpt(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 16
+    assert "Resuming from" in open(run_dir / "train.log").read()
 
 
 def test_sigusr1_outside_slurm_takes_the_sigterm_path(monkeypatch):
