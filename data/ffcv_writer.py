@@ -108,13 +108,12 @@ def _remove(path: str) -> None:
         pass
 
 
-def _end_writer(writer) -> None:
+def _end_writer(writer, workers) -> None:
     """After a failed or interrupted write: end ffcv's worker processes and free its shared memory
     (ffcv's writer leaves both behind, and its non-daemon workers would block interpreter exit)."""
-    for child in multiprocessing.active_children():
-        if child.name.startswith("Process-"):   # ffcv's workers; the Manager's process is named SyncManager-*
-            child.terminate()
-            child.join(timeout=5)
+    for child in workers:
+        child.terminate()
+        child.join(timeout=5)
     memory = getattr(writer, "metadata_sm", None)
     if memory is not None and not isinstance(memory, int):
         try:
@@ -136,10 +135,11 @@ def _write_once(tmp: str, source: _Source, indices: List[int], options: ImageFie
     writer = DatasetWriter(tmp, fields, num_workers=num_workers)
     # Chunks small enough that every worker gets work on a small set, ffcv's default (100) on a large one.
     chunk = max(1, min(100, len(indices) // (4 * num_workers)))
+    before = set(multiprocessing.active_children())
     try:
         writer.from_indexed_dataset(source, indices=indices, chunksize=chunk)
     except BaseException:
-        _end_writer(writer)
+        _end_writer(writer, set(multiprocessing.active_children()) - before)   # only the writer's own workers
         raise
 
 
