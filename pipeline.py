@@ -93,6 +93,11 @@ def check_devices(trainer: DictConfig) -> None:
 def check_config(cfg: DictConfig, ckpt: Optional[str] = None) -> None:
     """Reject values a user can get wrong before anything is built or written (``ckpt``: the
     resolved checkpoint path, see resolve_ckpt_path)."""
+    missing = sorted(k for k in OmegaConf.missing_keys(cfg) if not k.startswith("hydra"))
+    if missing:
+        example = " (e.g. data.root=/datasets/imagenet)" if missing[0] == "data.root" else ""
+        raise UserInputError(f"{missing[0]} is required and not set; add {missing[0]}=<value> to the command "
+                             f"line{example}.")
     check_keep_rate(cfg.get("keep_rate", 1.0))
     check_devices(cfg.trainer)
     if ckpt and not os.path.isfile(ckpt):

@@ -38,6 +38,11 @@ def test_missing_data_root(tmp_path):
     assert_one_sentence(proc, "data.root='/no/such/imagenet' is not a directory")
 
 
+def test_unset_data_root(tmp_path):
+    proc = run_train(["data=imagenet", *OUT(tmp_path)])
+    assert_one_sentence(proc, "data.root is required and not set", "data.root=/datasets/imagenet")
+
+
 def test_corrupt_image_stops_training_naming_the_file(tmp_path):
     root = write_jpeg_folder(tmp_path / "in", per_class=4, size=(64, 64))
     bad = os.path.join(root, "train", "class0", "2.JPEG")
