@@ -134,6 +134,8 @@ def test_reference_names_round_trip_and_load(tmp_path):
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
+        loaded.remove_cls()  # deployment: the training-only [CLS] heads go, the logits stay
+        assert torch.equal(loaded(x), model(x)) and not any(k.startswith("head_cls") for k in loaded.state_dict())
     ref["stage_blocks.0.m.qkv.c.weight"] = ref["stage_blocks.0.m.qkv.c.weight"] + 1
     with pytest.raises(UserInputError, match="two different tensors for 'stages.0.blocks.0.attn.qkv.linear.weight'"):
         reference_to_ours(ref, model.depth, model.pruned_layers)
