@@ -93,7 +93,9 @@ def check_devices(trainer: DictConfig) -> None:
 def check_config(cfg: DictConfig, ckpt: Optional[str] = None) -> None:
     """Reject values a user can get wrong before anything is built or written (``ckpt``: the
     resolved checkpoint path, see resolve_ckpt_path)."""
-    missing = sorted(k for k in OmegaConf.missing_keys(cfg) if not k.startswith("hydra"))
+    # Hydra's own node is left out: composed for a single run (tests, compose API) its hydra.sweep.subdir
+    # interpolates the unset hydra.job.num, which would raise here instead of being reported.
+    missing = sorted(OmegaConf.missing_keys(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])))
     if missing:
         example = " (e.g. data.root=/datasets/imagenet)" if missing[0] == "data.root" else ""
         raise UserInputError(f"{missing[0]} is required and not set; add {missing[0]}=<value> to the command "
