@@ -123,16 +123,22 @@ def read_ckpt(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def train_until_sigterm(args, step, marker):
-    """``python train.py *args`` paused after training step ``step``; SIGTERM from outside; must exit 0."""
+def start_paused(args, step, marker, env_extra=None):
+    """``python train.py *args``, paused after training step ``step`` (waiting for a signal)."""
     proc = subprocess.Popen([sys.executable, "train.py", *args, "+callbacks.pause._target_=scale_out_helpers.PauseAtStep",
                              f"+callbacks.pause.step={step}", f"+callbacks.pause.marker={marker}"], cwd=ROOT,
-                            env=dict(os.environ, PYTHONPATH=TESTS, WANDB_MODE="offline"),
+                            env=dict(os.environ, PYTHONPATH=TESTS, WANDB_MODE="offline", **(env_extra or {})),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
     assert marker.exists(), proc.stderr.read()[-3000:] if proc.poll() is not None else "no pause"
+    return proc
+
+
+def train_until_sigterm(args, step, marker):
+    """``python train.py *args`` stopped by SIGTERM from outside after step ``step``; must exit 0."""
+    proc = start_paused(args, step, marker)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-3000:]
@@ -189,6 +195,38 @@ def test_ddp_sigterm_stops_both_ranks_at_one_step_and_a_rerun_resumes_by_itself(
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert read_ckpt(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 16
     assert "Resuming from" in open(run_dir / "train.log").read()
+
+
+def test_under_slurm_sigusr1_is_lightnings_requeue_and_the_requeued_job_resumes_from_its_checkpoint(
+        tmp_path, monkeypatch):
+    # A one-task SLURM job as Lightning sees it, with `scontrol` recording its arguments instead of requeueing.
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'scontrol.log'}\n")
+    (fake_bin / "scontrol").chmod(0o755)
+    slurm = {"SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_JOB_NAME": "train", "SLURM_JOB_ID": "4242",
+             "SLURM_NODELIST": "localhost", "SLURM_LOCALID": "0", "SLURM_PROCID": "0", "SLURM_NODEID": "0",
+             "SLURM_JOB_NUM_NODES": "1", "PATH": f"{fake_bin}{os.pathsep}{os.environ['PATH']}"}
+    run_dir = tmp_path / "run"
+    args = [*FAST, "trainer.max_epochs=2", "trainer.limit_train_batches=6", "trainer.limit_val_batches=1", "test=false",
+            "callbacks.step_checkpoint.every_n_train_steps=2", "trainer.log_every_n_steps=1"]
+    proc = start_paused([*args, f"hydra.run.dir={run_dir}"], 9, tmp_path / "paused", env_extra=slurm)
+    proc.send_signal(signal.SIGUSR1)  # SLURM's warning before the time limit (--signal=USR1@120)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "scontrol.log").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.kill()  # SLURM ends the requeued job
+    proc.communicate(timeout=60)
+    assert open(tmp_path / "scontrol.log").read().split() == ["requeue", "4242"]
+    hpc = run_dir / "hpc_ckpt_1.ckpt"
+    assert read_ckpt(hpc)["global_step"] == 9 and read_ckpt(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 8
+
+    for key, value in slurm.items():
+        monkeypatch.setenv(key, value)
+    run(make_cfg(run_dir, args))  # the requeued job: same run dir, ckpt_path unset
+    assert read_ckpt(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 12
+    resumed_steps = [int(r["step"]) for r in csv_rows(run_dir / "csv" / "resume_1" / "metrics.csv") if r.get("train/loss_step")]
+    assert min(resumed_steps) == 9, "resumed from Lightning's hpc checkpoint (step 9), the newest, not last.ckpt (step 8)"
 
 
 def test_sigusr1_outside_slurm_takes_the_sigterm_path(monkeypatch):
