@@ -23,7 +23,7 @@ from PIL import Image  # noqa: E402
 from timm.data import create_transform  # noqa: E402
 
 from accel.checkpoint import read_state_dict  # noqa: E402
-from accel.errors import UserInputError, one_line  # noqa: E402
+from accel.errors import UserInputError, run_cli  # noqa: E402
 from accel.visualize import render  # noqa: E402
 from data.checked_folder import load_rgb  # noqa: E402
 from data.digits import DIGITS_MEAN, DIGITS_STD  # noqa: E402
@@ -79,8 +79,4 @@ def main(argv=None) -> str:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserInputError as exc:
-        print(f"error: {one_line(exc)}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)
