@@ -181,3 +181,21 @@ def test_slide_swin_fused_whole_map_attention_equals_timm_explicit_path():
         results.append((out.detach(), model.layers[2].blocks[0].attn.relative_position_bias_table.grad))
     torch.testing.assert_close(results[1][0], results[0][0], atol=1e-5, rtol=0)
     torch.testing.assert_close(results[1][1], results[0][1], atol=1e-6, rtol=1e-4)
+
+
+def test_autocast_runs_the_torch_path_not_the_float32_kernel(monkeypatch):
+    """Under CPU autocast the qkv projection is bf16; the float32 kernel must not see it."""
+    from accel.backbones import slide_kernel
+    torch.manual_seed(5)
+    m = SlideAttention(64, 2).eval()
+    x = torch.randn(2, 9, 7, 64)
+    with torch.no_grad():
+        reference = m(x)
+        m.reparameterize()
+        monkeypatch.setattr(slide_kernel, "slide_attention", lambda *a: pytest.fail("kernel called with bf16"))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m(x)
+    torch.testing.assert_close(out.float(), reference, atol=3e-2, rtol=3e-2)
+    with pytest.raises(ValueError, match="float32 CPU tensors"):
+        monkeypatch.undo()
+        slide_kernel.slide_attention(torch.zeros(1, 2, 2, 96, dtype=torch.bfloat16), *m._kernel_weights, 2, 3, 1.0)

@@ -60,10 +60,11 @@ class SlideAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
         nh, hd, k2 = self.num_heads, self.head_dim, self.ka * self.ka
-        if self._use_kernel(x):
-            out = slide_kernel.slide_attention(self.qkv(x), *self._kernel_weights, nh, self.ka, self.scale)
+        qkv = self.qkv(x)
+        if self._use_kernel(qkv):
+            out = slide_kernel.slide_attention(qkv, *self._kernel_weights, nh, self.ka, self.scale)
             return self.proj_drop(self.proj(out))
-        qkv = self.qkv(x).permute(0, 3, 1, 2).reshape(B * nh, 3 * hd, H, W)
+        qkv = qkv.permute(0, 3, 1, 2).reshape(B * nh, 3 * hd, H, W)
         q, k, v = qkv.split(hd, dim=1)
         if self.merged is not None:
             return self._forward_slots(q, k, v, B, H, W)
@@ -75,10 +76,11 @@ class SlideAttention(nn.Module):
         out = (attn * v_nb).sum(dim=3).reshape(B, C, H, W).permute(0, 2, 3, 1)
         return self.proj_drop(self.proj(out))
 
-    def _use_kernel(self, x: torch.Tensor) -> bool:
-        """The fused C kernel runs the re-parameterised module at inference on CPU float32."""
-        return (self.merged is not None and not self.training and x.device.type == "cpu"
-                and x.dtype == torch.float32 and not (torch.is_grad_enabled() and x.requires_grad)
+    def _use_kernel(self, qkv: torch.Tensor) -> bool:
+        """The fused C kernel runs the re-parameterised module at inference on CPU float32 (the qkv
+        projection's output decides: under autocast it is bf16/fp16 and the torch path runs)."""
+        return (self.merged is not None and not self.training and qkv.device.type == "cpu"
+                and qkv.dtype == torch.float32 and not (torch.is_grad_enabled() and qkv.requires_grad)
                 and slide_kernel.supports(self.ka, self.head_dim) and slide_kernel.available())
 
     @property

@@ -107,6 +107,10 @@ def slide_attention(qkv: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     fn = _library()
     if fn is None:
         raise RuntimeError("the slide attention kernel is not available on this machine")
+    tensors = (qkv, weight, bias, table)
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):
+        raise ValueError("the slide kernel takes float32 CPU tensors, got "
+                         + ", ".join(f"{t.dtype} on {t.device}" for t in tensors))
     B, H, W, C3 = qkv.shape
     hd = C3 // (3 * num_heads)
     if not supports(ka, hd):
