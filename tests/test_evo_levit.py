@@ -21,7 +21,7 @@ NAMES = ["evo_levit_128s", "evo_levit_128", "evo_levit_192", "evo_levit_256", "e
 
 
 def config(name):
-    return OmegaConf.load(f"{CONF}/model/{name}.yaml")
+    return OmegaConf.load(f"{CONF}/model/{name}.yaml").model
 
 
 def make(name, img_size=224, num_classes=10, **kw):
@@ -221,3 +221,18 @@ def test_short_fit_with_distillation_and_layer_to_stage_switch(tmp_path):
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     assert metrics["train/loss_distill_epoch"] > 0 and metrics["train/loss_base_epoch"] > 0 and "val/acc1" in metrics
 
+
+
+def test_run_keep_rate_reaches_the_model_and_its_ema(tmp_path):
+    """keep_rate=… sets every pruned layer's and stage's ratio at build time, so the EMA copy and a
+    fresh build for evaluation use it too (the reference's 0.5 is the default)."""
+    import hydra
+    default = make_cfg(tmp_path, ["model=evo_levit_128s", "data=synthetic", "data.image_size=64"])
+    assert default.keep_rate == 0.5
+    cfg = make_cfg(tmp_path, ["model=evo_levit_128s", "data=synthetic", "data.image_size=64", "keep_rate=0.7",
+                              "module.ema_decay=0.99"])
+    module = hydra.utils.instantiate(cfg.module)
+    for net in (module.net, module.ema.module):
+        assert net.keep_rate == 0.7
+        assert net.stage_prune_ratios == [0.7] * 3 and net.prune_ratios[:2] == [1.0, 1.0]
+        assert set(net.prune_ratios[2:]) == {0.7}

@@ -335,10 +335,12 @@ def _check_ratios(prune_ratios: List[float], stage_ratios: List[float], depth: T
 
 def create_evo_levit(name: str, prune_ratios: Sequence[float], stage_prune_ratios: Sequence[float],
                      num_classes: int = 1000, img_size: int = 224, distilled: bool = True,
-                     drop_path_rate: float = 0.0, pretrained_path: Optional[str] = None) -> EvoLevit:
+                     drop_path_rate: float = 0.0, pretrained_path: Optional[str] = None,
+                     keep_rate: Optional[float] = None) -> EvoLevit:
     """Evo-LeViT ``name`` (``evo_levit_128s`` … ``evo_levit_384``) with the LeViT architecture of the
     same size (timm's ``model_cfgs``); ``pretrained_path`` loads a local file in this project's or
-    the reference's (YifanXu74/Evo-ViT) naming."""
+    the reference's (YifanXu74/Evo-ViT) naming. ``keep_rate`` (the run's ``keep_rate``) replaces the
+    ratio of every pruned layer and stage; which layers prune stays as ``prune_ratios`` says."""
     arch = name[len("evo_"):] if name.startswith("evo_levit_") else ""
     if arch not in model_cfgs or arch not in ("levit_128s", "levit_128", "levit_192", "levit_256", "levit_384"):
         raise UserInputError(f"Unknown Evo-LeViT model {name!r}; expected one of evo_levit_128s, evo_levit_128, "
@@ -347,6 +349,8 @@ def create_evo_levit(name: str, prune_ratios: Sequence[float], stage_prune_ratio
     model = EvoLevit(cfg["embed_dim"], cfg["key_dim"], cfg["num_heads"], cfg["depth"], prune_ratios,
                      stage_prune_ratios, num_classes=num_classes, img_size=img_size, distilled=distilled,
                      drop_path_rate=drop_path_rate)
+    if keep_rate is not None:
+        model.set_keep_rate(keep_rate)
     if pretrained_path:
         heads = ("head.", "head_dist.", "head_cls.", "head_cls_dist.")
         missing = load_into(model, pretrained_path, filter_fn=_filter, droppable=heads)
