@@ -199,3 +199,13 @@ def test_autocast_runs_the_torch_path_not_the_float32_kernel(monkeypatch):
     with pytest.raises(ValueError, match="float32 CPU tensors"):
         monkeypatch.undo()
         slide_kernel.slide_attention(torch.zeros(1, 2, 2, 96, dtype=torch.bfloat16), *m._kernel_weights, 2, 3, 1.0)
+
+
+def test_reparameterised_module_runs_under_torch_compile():
+    """torch.compile (as `benchmark.py --compile`) traces around the kernel instead of failing on it."""
+    torch.manual_seed(6)
+    m = SlideAttention(64, 2).eval()
+    m.reparameterize()
+    x = torch.randn(2, 6, 5, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(m, backend="eager")(x), m(x), atol=1e-6, rtol=0)

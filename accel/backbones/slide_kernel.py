@@ -98,6 +98,9 @@ def _pool(workers: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="slide-kernel")
 
 
+# Dynamo cannot trace the ctypes call or the thread pool: under torch.compile the kernel runs as a
+# graph break, eagerly, between the compiled parts.
+@torch.compiler.disable
 def slide_attention(qkv: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, table: torch.Tensor,
                     num_heads: int, ka: int, scale: float) -> torch.Tensor:
     """Slide attention on a channels-last qkv map [B, H, W, nh·3·hd] (per head [q|k|v]).
