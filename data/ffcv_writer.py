@@ -170,7 +170,10 @@ def write_split(folder: str, out_path: str, options: ImageFieldOptions, num_work
     writing = [False]   # the handler interrupts a write in progress only; `bad` is checked after it anyway
 
     def corrupt_seen(signum, frame):
+        # Once per write: other workers meeting bad files signal too, and a second raise would
+        # interrupt the clean-up of the first (leaving workers and shared memory behind).
         if writing[0]:
+            writing[0] = False
             raise _CorruptImageSeen()
 
     previous = signal.signal(signal.SIGUSR1, corrupt_seen) if early_stop else None

@@ -248,3 +248,18 @@ def test_train_py_ddp_sim_over_ffcv_sees_disjoint_samples(tmp_path):
     with open(metrics[0]) as f:
         logged = {k for row in csv.DictReader(f) for k, v in row.items() if v}
     assert {"train/loss_epoch", "val/acc1", "test/acc1"} <= logged
+
+
+def test_many_corrupt_files_stop_cleanly_in_process(tmp_path):
+    """Several workers reporting bad files at once: one sentence, no file, no worker left running
+    (a second report used to interrupt the clean-up of the first)."""
+    root = tmp_path / "train"
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(20):
+            (root / c / f"{i}.jpg").write_bytes(os.urandom(1500))
+    before = set(multiprocessing.active_children())
+    with pytest.raises(UserInputError, match="could not be decoded"):
+        ffcv_writer.write_split(str(root), str(tmp_path / "train.beton"), ffcv_writer.ImageFieldOptions(), 4)
+    assert not (set(multiprocessing.active_children()) - before)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train"]
