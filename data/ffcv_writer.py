@@ -144,10 +144,16 @@ def _write_once(tmp: str, source: _Source, indices: List[int], options: ImageFie
 
 
 def write_split(folder: str, out_path: str, options: ImageFieldOptions, num_workers: int = 4,
-                on_corrupt: str = "stop", class_names: Optional[List[str]] = None) -> SplitReport:
+                on_corrupt: str = "stop", class_names: Optional[List[str]] = None,
+                stop_early: bool = False) -> SplitReport:
     """Write ``folder`` (ImageFolder layout: <class>/<image>) to ``out_path``. Labels are the class
     folders' sorted order (torchvision's ImageFolder), or their position in ``class_names``.
-    Nothing is left at ``out_path`` (nor next to it) unless the whole file was written."""
+    Nothing is left at ``out_path`` (nor next to it) unless the whole file was written.
+
+    With ``on_corrupt="stop"`` a bad file is reported after the pass; ``stop_early`` interrupts the
+    pass at the first one instead, by a signal from the worker. An exception raised from a signal
+    handler can land anywhere, even inside the logging module's lock handling, and leave a lock held,
+    so only a process that exits right after the error (scripts/write_ffcv.py) should ask for it."""
     if on_corrupt not in ON_CORRUPT:
         raise UserInputError(f"--on-corrupt {on_corrupt!r} is not one of {', '.join(ON_CORRUPT)}.")
     found = ImageFolder(folder)
@@ -162,7 +168,7 @@ def write_split(folder: str, out_path: str, options: ImageFieldOptions, num_work
     stop = on_corrupt == "stop"
     # Stopping early needs a signal handler, which only the main thread can install; elsewhere a bad
     # file is still found, after the pass.
-    early_stop = stop and threading.current_thread() is threading.main_thread()
+    early_stop = stop and stop_early and threading.current_thread() is threading.main_thread()
     source = _Source(samples, bad, os.getpid() if early_stop else None)
     indices = list(range(len(samples)))
     skipped: Dict[int, Tuple[str, str]] = {}

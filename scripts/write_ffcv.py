@@ -55,7 +55,9 @@ def main(argv=None) -> None:
     for folder, out in zip(folders, outputs):
         print(f"Writing {folder} → {out} ({args.write_mode}, max resolution {options.max_resolution or 'full'})",
               flush=True)
-        report = write_split(folder, out, options, args.num_workers, args.on_corrupt, classes)
+        # This process exits right after a stop, so it may interrupt the pass by signal (see write_split).
+        report = write_split(folder, out, options, args.num_workers, args.on_corrupt, classes,
+                             stop_early=__name__ == "__main__")
         classes = report.classes
         for path, reason in report.skipped:
             print(f"skipped {path}: {reason}")
