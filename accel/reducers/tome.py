@@ -41,8 +41,10 @@ def parse_r(depth: int, r: RSpec) -> List[int]:
 def bipartite_soft_matching(metric: torch.Tensor, r: int, protect_cls: bool, protect_dist: bool):
     """The merge plan for ``r`` tokens: (unmerged A indices, merged A indices, their B destinations).
 
-    ``metric`` [B, N, D]. A = even positions, B = odd positions. Returns index tensors used by
-    ``merge_wavg``; the output order is [unmerged A (original order), all of B]."""
+    ``metric`` [B, N, D]. A = even positions, B = odd positions. Returns the index tensors and the
+    DIST flag that ``merge`` uses; the output order is [unmerged A (original order), all of B], with
+    DIST (B's first token) moved right after [CLS] as the reference does, so that prefix tokens stay
+    at positions 0 and 1 for the distillation head."""
     with torch.no_grad():
         metric = metric / metric.norm(dim=-1, keepdim=True)
         a, b = metric[..., ::2, :], metric[..., 1::2, :]
@@ -58,17 +60,19 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, protect_cls: bool, pro
         dst_idx = node_idx[..., None].gather(dim=-2, index=src_idx)
         if protect_cls:
             unm_idx = unm_idx.sort(dim=1)[0]
-    return unm_idx, src_idx, dst_idx
+    return unm_idx, src_idx, dst_idx, protect_dist
 
 
 def merge(x: torch.Tensor, plan, mode: str = "sum") -> torch.Tensor:
     """Apply a matching plan to ``x`` [B, N, C]: sources are reduced into their destinations."""
-    unm_idx, src_idx, dst_idx = plan
+    unm_idx, src_idx, dst_idx, protect_dist = plan
     src, dst = x[..., ::2, :], x[..., 1::2, :]
     n, t1, c = src.shape
     unm = src.gather(dim=-2, index=unm_idx.expand(n, t1 - src_idx.shape[1], c))
     src = src.gather(dim=-2, index=src_idx.expand(n, src_idx.shape[1], c))
     dst = dst.scatter_reduce(-2, dst_idx.expand(n, src_idx.shape[1], c), src, reduce=mode)
+    if protect_dist:  # [CLS] is unm[:, 0] (sorted first) and DIST is dst[:, 0]: keep them as the prefix
+        return torch.cat([unm[:, :1], dst[:, :1], unm[:, 1:], dst[:, 1:]], dim=1)
     return torch.cat([unm, dst], dim=1)
 
 
