@@ -6,10 +6,16 @@ alternately into sets A and B; each A token's most similar B token (cosine simil
 head-averaged keys) is found, and the ``r`` most similar pairs are merged by a size-weighted average
 — as facebookresearch/ToMe (tome/merge.py, tome/patch/timm.py) does. [CLS] is never merged away
 and a DIST token is never a merge target. Proportional attention adds ``log(size)`` to the logits.
+
+How many tokens merge is set either by ``r`` (the paper's knob) or, with ``r=None``, by the
+project-wide ``keep_rate``: the fraction of image tokens left after the last block, reached by a
+near-constant r over the blocks. The two never combine: an explicit ``r`` with a keep rate below 1
+is refused, so a keep-rate schedule or search cannot silently leave ``r`` in charge.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence as SequenceABC
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -17,7 +23,7 @@ from torch import nn
 
 from accel.errors import UserInputError
 from accel.reducers.attention import attention, attn_residual, check_plain_block, mlp_residual
-from accel.reducers.base import State, TokenReducer
+from accel.reducers.base import State, TokenReducer, check_keep_rate
 
 RSpec = Union[int, Sequence[int], Tuple[int, float]]
 
@@ -26,6 +32,8 @@ def parse_r(depth: int, r: RSpec) -> List[int]:
     """Per-block r from an int (constant), a list (explicit, padded with 0) or ``(r, inflection)``
     (ToMe's linear ramp: -1 decreasing, 0 constant, +1 increasing; total ≈ depth·r)."""
     inflect = 0.0
+    if isinstance(r, SequenceABC) and not isinstance(r, str):
+        r = list(r)  # a Hydra ListConfig as a plain list
     if isinstance(r, (list, tuple)) and len(r) == 2 and isinstance(r[1], float):
         r, inflect = r
     elif isinstance(r, (list, tuple)):
@@ -81,8 +89,10 @@ class ToMe(TokenReducer):
 
     Args:
         r: tokens merged per block: int, per-block list, or ``(r, inflection)``; ``None`` derives a
-            constant r from ``keep_rate`` (the fraction of image tokens left after the last block).
-        keep_rate: used only when ``r`` is None; ``set_keep_rate`` switches to it at run time.
+            near-constant r from ``keep_rate``.
+        keep_rate: with ``r=None``, the fraction of image tokens left after the last block (1.0 =
+            no merging); ``set_keep_rate`` changes it at run time (keep-rate schedules). With an
+            explicit ``r`` it must be 1.0.
         prop_attn: proportional attention (log size added to the attention logits).
         trace_source: keep, per token, which input patches it holds (for visualisation).
         explicit_attention: compute the full attention matrix as the reference code does.
@@ -92,14 +102,25 @@ class ToMe(TokenReducer):
                  trace_source: bool = False, explicit_attention: bool = False) -> None:
         super().__init__(keep_rate, explicit_attention)
         self.r = r
+        self._refuse_explicit_r(self.keep_rate)
         self.prop_attn = prop_attn
         self.trace_source = trace_source
         self.depth = 0
 
+    def _refuse_explicit_r(self, keep_rate: float) -> None:
+        if self.r is not None and keep_rate != 1.0:
+            raise UserInputError(f"ToMe got both r={self.r!r} and keep_rate={keep_rate}, but an explicit r fixes how "
+                                 "many tokens merge; set reducer.r=null (r=None) to derive r from keep_rate, or "
+                                 "keep_rate=1.0 to merge r tokens per block.")
+
     def set_keep_rate(self, keep_rate: float) -> None:
-        super().set_keep_rate(keep_rate)
-        self.r = None
-        self._schedule = self._make_schedule()
+        """With ``r=None``: merge so that ``keep_rate`` of the image tokens are left after the last
+        block. With an explicit ``r``: 1.0 is accepted and changes nothing; anything else is refused."""
+        value = check_keep_rate(keep_rate)
+        self._refuse_explicit_r(value)
+        super().set_keep_rate(value)
+        if self.depth:  # bound to a model: the schedule follows the new keep rate from the next forward
+            self._schedule = self._make_schedule()
 
     def bind(self, vit: nn.Module) -> None:
         self.depth = len(vit.blocks)
@@ -111,6 +132,7 @@ class ToMe(TokenReducer):
         self._schedule = self._make_schedule()
 
     def _make_schedule(self) -> List[int]:
+        removed = 0
         if self.r is None:
             removed = int(round((1.0 - self.keep_rate) * self.num_patches))
             schedule = [removed // self.depth + (1 if i < removed % self.depth else 0) for i in range(self.depth)]
@@ -128,6 +150,10 @@ class ToMe(TokenReducer):
         for i, v in enumerate(schedule):
             schedule[i] = min(v, (n - self.num_prefix) // 2)
             n -= schedule[i]
+        if self.r is None and sum(schedule) < removed:
+            raise UserInputError(f"ToMe keep_rate={self.keep_rate} needs {removed} of {self.num_patches} image tokens "
+                                 f"merged, but r spread over {self.depth} blocks merges at most {sum(schedule)}; "
+                                 "expected a larger keep_rate.")
         return schedule
 
     @property
