@@ -102,10 +102,10 @@ class ToMe(TokenReducer):
                  trace_source: bool = False, explicit_attention: bool = False) -> None:
         super().__init__(keep_rate, explicit_attention)
         self.r = r
-        self._refuse_explicit_r(self.keep_rate)
         self.prop_attn = prop_attn
         self.trace_source = trace_source
         self.depth = 0
+        self._refuse_explicit_r(self.keep_rate)
 
     def _refuse_explicit_r(self, keep_rate: float) -> None:
         if self.r is not None and keep_rate != 1.0:
