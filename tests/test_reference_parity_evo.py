@@ -93,7 +93,11 @@ def evo_levit(case) -> EvoLevit:
     ints = lambda s: [int(v) for v in s.split("_")]  # noqa: E731 - the reference's "C"/"N"/"X" strings
     model = EvoLevit(ints(cfg["C"]), cfg["D"], ints(cfg["N"]), ints(cfg["X"]), case["ratios"], case["stage_ratios"],
                      num_classes=cfg["num_classes"], img_size=cfg["img_size"], distilled=True)
-    model.load_state_dict(reference_to_ours(LEVIT["state_dict"], model.depth, model.pruned_layers), strict=True)
+    sd = LEVIT["state_dict"]
+    if model.pruned_layers != [r < 1 for r in cfg["layer_ratios"]]:
+        # The file's 'stage_blocks' names follow another layout; its 'blocks' copies hold every tensor.
+        sd = {k: v for k, v in sd.items() if not k.startswith("stage_blocks.")}
+    model.load_state_dict(reference_to_ours(sd, model.depth, model.pruned_layers), strict=True)
     return model
 
 
