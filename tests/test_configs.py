@@ -4,9 +4,13 @@ import os
 import hydra
 import pytest
 import torch
+from pytorch_lightning.accelerators import CPUAccelerator
+from pytorch_lightning.plugins.layer_sync import TorchSyncBatchNorm
+from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy
 
+from callbacks.atomic_checkpoint_io import AtomicCheckpointIO
 from conftest import CONF, make_cfg, write_jpeg_folder
-from pipeline import build
+from pipeline import build, instantiate_list
 
 
 def options(group):
@@ -32,12 +36,40 @@ def test_every_model_config_builds_a_classifier(tmp_path, model):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
 
 
+# What each trainer config gives (README "Config groups"): strategy, processes per node, precision,
+# synchronised BatchNorm. gpu and ddp are instantiated on one device (a CPU where there is no GPU).
+TRAINERS = {"default": (SingleDeviceStrategy, 1, "32-true", False),
+            "cpu": (SingleDeviceStrategy, 1, "32-true", False),
+            "gpu": (SingleDeviceStrategy, 1, "bf16-mixed", False),
+            "ddp": (DDPStrategy, 4, "bf16-mixed", True),
+            "ddp_sim": (DDPStrategy, 2, "32-true", False)}
+
+
+def test_trainer_table_covers_every_trainer_config():
+    assert sorted(TRAINERS) == options("trainer")
+
+
+@pytest.mark.parametrize("model, params", [("slide_swin_t", 28_348_834), ("slide_pvt_v2_b1", 13_005_406)])
+def test_slide_model_configs_build_the_documented_networks(tmp_path, model, params):
+    """At ImageNet's 1000 classes and 224 px: the Slide-Swin-T reference model's count, and Slide-PVTv2-B1
+    as the README gives it (paper 13.0M)."""
+    net = hydra.utils.instantiate(make_cfg(tmp_path, [f"model={model}", "data=synthetic"]).module).net
+    assert sum(p.numel() for p in net.parameters()) == params
+
+
 @pytest.mark.parametrize("trainer", options("trainer"))
-def test_every_trainer_config_instantiates(tmp_path, trainer):
-    extra = [] if torch.cuda.is_available() else ["trainer.accelerator=cpu", "trainer.devices=1"]
-    cfg = make_cfg(tmp_path, [f"trainer={trainer}", *extra])
+def test_every_trainer_config_gives_its_strategy_and_writes_checkpoints_atomically(tmp_path, trainer):
+    strategy, devices, precision, sync_bn = TRAINERS[trainer]
+    on_one = ["trainer.devices=1"] + ([] if torch.cuda.is_available() else ["trainer.accelerator=cpu"])
+    cfg = make_cfg(tmp_path, [f"trainer={trainer}", *(on_one if trainer in ("gpu", "ddp") else [])])
     trainer_obj = hydra.utils.instantiate(cfg.trainer)
-    assert trainer_obj.max_epochs == cfg.trainer.max_epochs
+    assert type(trainer_obj.strategy) is strategy and trainer_obj.precision == precision
+    assert make_cfg(tmp_path, [f"trainer={trainer}"]).trainer.devices == devices
+    if trainer in ("cpu", "ddp_sim"):
+        assert isinstance(trainer_obj.accelerator, CPUAccelerator) and trainer_obj.num_devices == devices
+    assert isinstance(getattr(trainer_obj.strategy, "_layer_sync", None), TorchSyncBatchNorm) == sync_bn
+    # A kill during a save never leaves a partial last.ckpt, whatever the trainer.
+    assert isinstance(trainer_obj.strategy.checkpoint_io, AtomicCheckpointIO)
 
 
 @pytest.mark.parametrize("logger", options("logger"))
@@ -69,11 +101,49 @@ def test_every_data_config_instantiates(tmp_path, data):
     assert labels.max() < cfg.data.num_classes
 
 
+# Each recipe as its file's header describes it: network (parameters at its own class count, 1000
+# on ImageNet, as the papers count them), reducer, keep-rate schedule, global batch, epochs, EMA,
+# distillation. A recipe that trains something else fails here, not after days on a cluster.
+RECIPES = {
+    "deit_s_in1k": dict(params=22_050_664, reducer=None, batch=1024, epochs=300, ema=0.99996, teacher=None,
+                        schedule=None),
+    "evit_deit_s_in1k": dict(params=22_050_664, reducer="EViT", batch=2048, epochs=300, ema=None, teacher=None,
+                             schedule=(0.7, 10, 100, None)),
+    "evit_deit_s_finetune": dict(params=22_050_664, reducer="EViT", batch=2048, epochs=30, ema=None, teacher=None,
+                                 schedule=(0.7, 0, 0, None)),
+    "evo_deit_s_in1k": dict(params=22_436_432, reducer="EvoViT", batch=1024, epochs=300, ema=None, teacher=None,
+                            schedule=(0.5, 0, 0, 200)),
+    "tome_deit_s_in1k": dict(params=22_050_664, reducer="ToMe", batch=1024, epochs=300, ema=None, teacher=None,
+                             schedule=None),
+    "levit_256_in1k": dict(params=18_893_876, reducer=None, batch=2048, epochs=1000, ema=0.99996,
+                           teacher="regnety_160", schedule=None),
+    "evo_levit_256_in1k": dict(params=20_035_278, reducer=None, batch=2048, epochs=300, ema=0.99996,
+                               teacher="regnety_160", schedule=(0.5, 0, 0, 200)),
+    "digits_quick": dict(params=2_712_010, reducer=None, batch=64, epochs=5, ema=None, teacher=None, schedule=None),
+    "evit_digits": dict(params=2_712_010, reducer="EViT", batch=64, epochs=30, ema=None, teacher=None,
+                        schedule=(0.7, 5, 10, None)),
+}
+
+
+def test_recipe_table_covers_every_experiment():
+    assert sorted(RECIPES) == options("experiment")
+
+
 @pytest.mark.parametrize("experiment", options("experiment"))
-def test_every_experiment_composes(tmp_path, experiment):
-    extra = [] if "digits" in experiment else [f"data.root={write_jpeg_folder(tmp_path / 'in')}", "data.num_classes=2"]
-    cfg = make_cfg(tmp_path, [f"experiment={experiment}", *extra])
-    assert cfg.trainer.max_epochs >= 1
+def test_every_experiment_builds_its_recipe(tmp_path, experiment):
+    expected = RECIPES[experiment]
+    cfg = make_cfg(tmp_path, [f"experiment={experiment}", *([] if "digits" in experiment else ["data.root=/x"])])
+    net = hydra.utils.instantiate(cfg.module).net
+    assert sum(p.numel() for p in net.parameters()) == expected["params"]
+    reducer = getattr(net, "reducer", None)
+    assert (type(reducer).__name__ if reducer is not None else None) == expected["reducer"]
+    assert cfg.data.batch_size * cfg.trainer.devices * cfg.trainer.get("num_nodes", 1) == expected["batch"]
+    assert cfg.trainer.max_epochs == expected["epochs"] and cfg.module.ema_decay == expected["ema"]
+    callbacks = {type(c).__name__: c for c in instantiate_list(cfg.callbacks)}
+    assert getattr(callbacks.get("Distillation"), "teacher_name", None) == expected["teacher"]
+    schedule = callbacks.get("KeepRateSchedule")
+    assert (None if schedule is None else (schedule.target, schedule.start_epoch, schedule.epochs,
+                                           schedule.evo_stage_epoch)) == expected["schedule"]
 
 
 def test_deit_s_in1k_is_the_paper_recipe(tmp_path):
