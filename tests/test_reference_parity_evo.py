@@ -101,9 +101,13 @@ def evo_levit(case) -> EvoLevit:
     return model
 
 
-def assert_same_selection(model: EvoLevit, their_order: torch.Tensor) -> None:
-    """The last selection keeps the same tokens in the same order. The authors number tokens by their position
-    in the first grid (subsampled along), this project by the current grid: compare ranks."""
+def assert_same_selection(model: EvoLevit, their_order: torch.Tensor, their_scores) -> None:
+    """Each selection ranks by the same global class attention (carried through the shrinking attentions and
+    rescaled there), and the last one keeps the same tokens in the same order. The authors number tokens by
+    their position in the first grid (subsampled along), this project by the current grid: compare ranks."""
+    assert len(model.last_selection) == len(their_scores)
+    for selection, scores in zip(model.last_selection, their_scores):
+        torch.testing.assert_close(selection["global_attention"], scores, atol=1e-6, rtol=1e-4)
     kept = model.last_selection[-1]["kept"]
     ranks = torch.searchsorted(their_order.sort(dim=1).values, their_order)
     assert torch.equal(kept, ranks[:, :kept.shape[1]])
@@ -116,7 +120,7 @@ def test_evo_levit_eval_logits_equal_authors_code(name):
     with torch.no_grad():
         logits = model(LEVIT["images"])
     torch.testing.assert_close(logits, case["eval_logits"], atol=1e-4, rtol=0)
-    assert_same_selection(model, case["eval_order"])
+    assert_same_selection(model, case["eval_order"], case["eval_scores"])
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -135,4 +139,4 @@ def test_evo_levit_training_heads_and_gradients_equal_authors_code(name, mode):
     sum(F.cross_entropy(h, LEVIT["labels"]) for h in heads).backward()
     grads = ours_to_reference({n: p.grad for n, p in model.named_parameters()}, model.depth, model.pruned_layers)
     assert_grads_equal(grads, expected["grads"])
-    assert_same_selection(model, expected["order"])
+    assert_same_selection(model, expected["order"], expected["scores"])
