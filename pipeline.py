@@ -25,7 +25,9 @@ from rich.tree import Tree
 from accel.checkpoint import first_shape_mismatch, load_file
 from accel.errors import UserInputError
 from accel.reducers.base import check_keep_rate
+from callbacks.preemption import PreemptionCheckpoint
 from callbacks.resume_state import wandb_run_id
+from run_dirs import check_writable, continue_run, mark_finished, resume_index
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +111,8 @@ def check_config(cfg: DictConfig, ckpt: Optional[str] = None) -> None:
         raise UserInputError("train=false needs ckpt_path=<file.ckpt> to evaluate; none was given.")
 
 
-def print_config_tree(cfg: DictConfig, save_dir: Optional[str] = None) -> None:
-    """Print the resolved config as a Rich tree and save it as config_tree.log in ``save_dir``."""
+def print_config_tree(cfg: DictConfig, save_dir: Optional[str] = None, name: str = "config_tree.log") -> None:
+    """Print the resolved config as a Rich tree and save it as ``name`` in ``save_dir``."""
     tree = Tree("CONFIG", style="dim", guide_style="dim")
     keys = [k for k in TREE_ORDER if k in cfg] + [k for k in cfg if k not in TREE_ORDER and k != "hydra"]
     for key in keys:
@@ -120,7 +122,7 @@ def print_config_tree(cfg: DictConfig, save_dir: Optional[str] = None) -> None:
     Console().print(tree)
     if save_dir:
         os.makedirs(save_dir, exist_ok=True)
-        with open(os.path.join(save_dir, "config_tree.log"), "w") as f:
+        with open(os.path.join(save_dir, name), "w") as f:
             Console(file=f, width=120).print(tree)
 
 
@@ -213,16 +215,32 @@ def prepare_loggers(cfg: DictConfig, ckpt: Optional[Dict[str, Any]]) -> None:
                 csv.version = f"resume_{k}"
 
 
+def output_directories(trainer: pl.Trainer) -> Dict[str, str]:
+    """The directories a run writes to, each with what it holds (checkpoints, logs) and for whom."""
+    dirs = {str(lg.save_dir): f"log directory of {type(lg).__name__}"
+            for lg in trainer.loggers if getattr(lg, "save_dir", None)}
+    dirs.update({os.path.dirname(cb.path): f"checkpoint directory of {type(cb).__name__}"
+                 for cb in trainer.callbacks if isinstance(cb, PreemptionCheckpoint)})
+    dirs.update({str(cb.dirpath): f"checkpoint directory of {type(cb).__name__}"
+                 for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)})
+    return dirs
+
+
 def run(cfg: DictConfig) -> Dict[str, float]:
-    """Fit and/or test as the config says; return the metrics logged by the last stage."""
+    """Fit and/or test as the config says; return the metrics logged by the last stage. A launch into
+    a directory that holds a run continues that run with its saved config (run_dirs.continue_run)."""
     ckpt_path = resolve_ckpt_path(cfg)
+    continue_run(cfg, ckpt_path)
     check_config(cfg, ckpt_path)
+    run_dir = str(cfg.paths.output_dir)
+    index = resume_index(run_dir)
     ckpt = load_file(ckpt_path) if ckpt_path else None
     prepare_loggers(cfg, ckpt)
     pl.seed_everything(cfg.seed, workers=True)
     datamodule, module, trainer = build(cfg)
+    check_writable(output_directories(trainer))
     if trainer.global_rank == 0:
-        print_config_tree(cfg, cfg.paths.output_dir)
+        print_config_tree(cfg, run_dir, f"config_tree_resume_{index}.log" if index else "config_tree.log")
     for lg in trainer.loggers:
         lg.log_hyperparams(resolved_without_hydra(cfg))
     if ckpt_path:
@@ -232,6 +250,8 @@ def run(cfg: DictConfig) -> Dict[str, float]:
     metrics: Dict[str, float] = {}
     if cfg.get("train", True):
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        if trainer.is_global_zero and not trainer.interrupted:  # a stop by signal or error does not return here
+            mark_finished(run_dir, trainer.global_step, trainer.current_epoch)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
     if cfg.get("test", True):
         if cfg.get("train", True):

@@ -1,8 +1,10 @@
 """Train (and test) an image classifier: ``python train.py model=evit_deit_s keep_rate=0.7``.
 
 Hydra composes conf/train.yaml with the overrides; pipeline.run does the work."""
+import logging
 import os
 import sys
+import traceback
 import warnings
 
 import hydra
@@ -11,13 +13,16 @@ from omegaconf import DictConfig
 os.environ.setdefault("PROJECT_ROOT", os.path.dirname(os.path.abspath(__file__)))
 CONF_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf")
 
-from accel.errors import UserInputError, one_line  # noqa: E402
+from accel.errors import UserInputError, one_line, stop  # noqa: E402
 from pipeline import check_plugins, optimized_metric, run  # noqa: E402
 
 
-def stop(exc: UserInputError) -> None:
-    print(f"error: {one_line(exc)}", file=sys.stderr)
-    sys.exit(2)
+def to_log_files(text: str) -> None:
+    """Append ``text`` to the run's log files (train.log) only: the console gets it from Hydra or stop()."""
+    record = logging.LogRecord(__name__, logging.ERROR, __file__, 0, text, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train.yaml")
@@ -25,7 +30,11 @@ def main(cfg: DictConfig):
     try:
         return optimized_metric(cfg, run(cfg))
     except UserInputError as exc:
+        to_log_files(f"error: {one_line(exc)}")
         stop(exc)
+    except Exception:
+        to_log_files(traceback.format_exc())
+        raise
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """The one exception type for mistakes a user can make (bad paths, values, checkpoints)."""
+from typing import NoReturn
 
 
 class UserInputError(ValueError):
@@ -15,13 +16,18 @@ def one_line(exc: BaseException) -> str:
     return last.split(marker, 1)[1] if marker in last else last
 
 
+def stop(exc: UserInputError) -> NoReturn:
+    """End the process with ``error: <sentence>`` on stderr and exit code 2, without a traceback."""
+    import sys
+
+    print(f"error: {one_line(exc)}", file=sys.stderr)
+    sys.exit(2)
+
+
 def run_cli(main) -> None:
     """Run a command-line entry point: a UserInputError ends it with ``error: <sentence>`` on
     stderr and exit code 2, without a traceback."""
-    import sys
-
     try:
         main()
     except UserInputError as exc:
-        print(f"error: {one_line(exc)}", file=sys.stderr)
-        sys.exit(2)
+        stop(exc)

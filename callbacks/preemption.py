@@ -1,11 +1,13 @@
-"""Save ``last.ckpt`` when the job is told to stop (SIGTERM, SIGUSR1), then let it exit cleanly.
+"""Save ``last.ckpt`` when the job is told to stop (SIGTERM, SIGUSR1, Ctrl-C), then let it exit cleanly.
 
 Lightning already turns SIGTERM into a stop at a consistent point: its signal connector sets
 ``trainer.received_sigterm`` (and forwards the signal to DDP workers), and the loops raise
 ``SIGTERMException`` after the current training batch, on every rank at the same batch. This
 callback only adds the save (on that exception alone, not on crashes, whose state may be broken)
 and routes SIGUSR1 the same way when nothing else owns it. Under SLURM, SIGUSR1 belongs to
-Lightning's ``SLURMEnvironment`` (auto-requeue), so it is left alone there.
+Lightning's ``SLURMEnvironment`` (auto-requeue), so it is left alone there. The first Ctrl-C (SIGINT)
+takes the SIGTERM path too, instead of a KeyboardInterrupt that would drop the work since the last
+save; a second Ctrl-C stops at once. Every stop that leaves a checkpoint prints the resume command.
 """
 from __future__ import annotations
 
@@ -27,8 +29,21 @@ def _sigusr1_as_sigterm(signum: int, frame: Any) -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
+def _sigint_as_sigterm(signum: int, frame: Any) -> None:
+    # A second Ctrl-C is Python's KeyboardInterrupt again: the user asked to stop now, without the save.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    log.warning("Ctrl-C: stopping after the training batch in flight and saving a checkpoint "
+                "(press Ctrl-C again to stop at once without saving).")
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def resume_command(run_dir: str) -> str:
+    """The command that continues the run in ``run_dir``."""
+    return f"python train.py ckpt_path=last hydra.run.dir={run_dir}"
+
+
 class PreemptionCheckpoint(pl.Callback):
-    """On SIGTERM (or SIGUSR1 outside SLURM), write ``<dirpath>/<filename>.ckpt`` after the training
+    """On SIGTERM, Ctrl-C (or SIGUSR1 outside SLURM), write ``<dirpath>/<filename>.ckpt`` after the training
     batch in flight, then exit with the state of that batch: global step, optimizer, LR scheduler,
     EMA, callbacks (keep rate, RNG, W&B run id) — everything a resume needs.
 
@@ -46,12 +61,22 @@ class PreemptionCheckpoint(pl.Callback):
         # is not touched: that is the signal-handling fight this avoids.
         if not SLURMEnvironment.detect() and signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None):
             signal.signal(signal.SIGUSR1, _sigusr1_as_sigterm)
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            signal.signal(signal.SIGINT, _sigint_as_sigterm)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        if not isinstance(exception, SIGTERMException) or trainer.state.fn != TrainerFn.FITTING:
+        if trainer.state.fn != TrainerFn.FITTING:
             return
-        trainer.save_checkpoint(self.path)
-        if trainer.is_global_zero:
-            log.warning("Stopped by a signal at global step %d; saved %s. Resume with ckpt_path=last in the same run "
-                        "directory (hydra.run.dir=%s).", trainer.global_step, self.path,
-                        os.path.dirname(os.path.dirname(self.path)))
+        stopped = isinstance(exception, SIGTERMException)
+        if stopped:
+            trainer.save_checkpoint(self.path)
+        if not trainer.is_global_zero:
+            return
+        # Imported here: pipeline imports this module.
+        from pipeline import newest_run_checkpoint
+        run_dir = os.path.dirname(os.path.dirname(os.path.abspath(self.path)))
+        found = newest_run_checkpoint(run_dir)
+        if found:
+            what = f"Stopped by a signal at global step {trainer.global_step}; saved {self.path}" if stopped else \
+                f"Training stopped ({type(exception).__name__}); the newest checkpoint is {found}"
+            log.warning("%s. Resume with: %s", what, resume_command(run_dir))

@@ -1,9 +1,12 @@
-"""Test-only callbacks for tests/test_scale_out.py, loaded into `python train.py` runs through
-`+callbacks.<name>._target_=scale_out_helpers.<Class>` with tests/ on PYTHONPATH."""
+"""Test-only callbacks for tests/test_scale_out.py and tests/test_resume.py, loaded into
+`python train.py` runs through `+callbacks.<name>._target_=scale_out_helpers.<Class>` with tests/ on
+PYTHONPATH, and the launcher that pauses such a run for a signal."""
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 
 import pytorch_lightning as pl
@@ -39,3 +42,22 @@ class RecordSampler(pl.Callback):
         os.makedirs(self.out, exist_ok=True)
         with open(os.path.join(self.out, f"rank{trainer.global_rank}.json"), "w") as f:
             json.dump(record, f)
+
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+def start_paused(args, step, marker, env_extra=None) -> subprocess.Popen:
+    """``python train.py *args``, paused after training step ``step`` (waiting for a signal); its
+    stdout goes to ``<marker>.stdout`` (a pipe nobody reads could fill up and block the run)."""
+    stdout = open(f"{marker}.stdout", "w")
+    proc = subprocess.Popen([sys.executable, "train.py", *args, "+callbacks.pause._target_=scale_out_helpers.PauseAtStep",
+                             f"+callbacks.pause.step={step}", f"+callbacks.pause.marker={marker}"],
+                            cwd=os.path.dirname(TESTS),
+                            env=dict(os.environ, PYTHONPATH=TESTS, WANDB_MODE="offline", **(env_extra or {})),
+                            stdout=stdout, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not os.path.exists(marker) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert os.path.exists(marker), proc.stderr.read()[-3000:] if proc.poll() is not None else "no pause"
+    return proc

@@ -88,7 +88,10 @@ def test_ddp_sim_trains_with_two_processes_and_repeated_augmentation(tmp_path):
                       f"+callbacks.record.out={samplers}", *OUT(tmp_path)],
                      env_extra={"PYTHONPATH": os.path.dirname(os.path.abspath(__file__))})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    run_dir = glob.glob(str(tmp_path / "train" / "runs" / "*"))[0]
+    runs = glob.glob(str(tmp_path / "train" / "runs" / "*"))
+    assert len(runs) == 1, "rank 1 runs in the directory rank 0 claimed"
+    run_dir = runs[0]
+    assert not os.path.exists(os.path.join(run_dir, ".hydra", "resume_1")), "rank 1 is not taken for a resume"
     ckpt = torch.load(os.path.join(run_dir, "checkpoints", "last.ckpt"), map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 6  # 2 epochs × 3 batches per process
     with open(os.path.join(run_dir, "csv", "metrics.csv")) as f:

@@ -23,6 +23,7 @@ from callbacks.preemption import PreemptionCheckpoint
 from callbacks.resume_state import ResumeState
 from conftest import FAST, ROOT, make_cfg, run_train
 from pipeline import prepare_loggers, run
+from scale_out_helpers import start_paused
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 # A tiny EViT on digits: 2 blocks, both reducing.
@@ -121,19 +122,6 @@ def test_wandb_runs_of_a_sweep_share_a_group_and_a_resume_continues_the_saved_ru
 
 def read_ckpt(path):
     return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def start_paused(args, step, marker, env_extra=None):
-    """``python train.py *args``, paused after training step ``step`` (waiting for a signal)."""
-    proc = subprocess.Popen([sys.executable, "train.py", *args, "+callbacks.pause._target_=scale_out_helpers.PauseAtStep",
-                             f"+callbacks.pause.step={step}", f"+callbacks.pause.marker={marker}"], cwd=ROOT,
-                            env=dict(os.environ, PYTHONPATH=TESTS, WANDB_MODE="offline", **(env_extra or {})),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert marker.exists(), proc.stderr.read()[-3000:] if proc.poll() is not None else "no pause"
-    return proc
 
 
 def train_until_sigterm(args, step, marker):
