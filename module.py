@@ -8,8 +8,9 @@ The network is a backbone, optionally run through a token reducer (EViT, Evo-ViT
 """
 from __future__ import annotations
 
+import math
 import time
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import pytorch_lightning as pl
 import torch
@@ -21,6 +22,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from accel.backbones.reduced_vit import ReducedViT
+from accel.errors import UserInputError
 from accel.reducers.base import TokenReducer
 
 
@@ -30,6 +32,10 @@ class ImageClassifier(pl.LightningModule):
     ``optimizer`` and ``scheduler`` are partials from Hydra (``_partial_: true``): the optimizer is
     called with ``(net, lr=scaled_lr)``; the scheduler with ``(optimizer, t_initial=total_steps,
     warmup_t=warmup_steps)`` and is stepped every iteration.
+
+    The module owns the network and its EMA copy. Callbacks change what the network does only
+    through ``set_keep_rate`` / ``keep_rate`` and ``set_layerwise`` / ``layerwise``, which act on
+    both, so the EMA is evaluated at the live network's keep rate and selection mode.
     """
 
     def __init__(
@@ -63,6 +69,10 @@ class ImageClassifier(pl.LightningModule):
         else:
             self.criterion = nn.CrossEntropyLoss()
         self.ema = ModelEmaV3(self.net, decay=ema_decay) if ema_decay else None
+        if self.ema is not None:
+            # An average, never trained: DDP would otherwise wait for gradients of the copy. As a
+            # submodule it still moves with the module and is saved and restored as ``ema.*``.
+            self.ema.requires_grad_(False)
         top5 = min(5, num_classes)
         self.metrics = nn.ModuleDict({
             f"{prefix}_{name}": MulticlassAccuracy(num_classes, top_k=k, average="micro")
@@ -75,6 +85,39 @@ class ImageClassifier(pl.LightningModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+    # --- token reduction: the surface callbacks use --------------------------------------------
+    def _networks(self) -> List[nn.Module]:
+        """The live network and, when there is one, its EMA copy."""
+        return [self.net] if self.ema is None else [self.net, self.ema.module]
+
+    @property
+    def keep_rate(self) -> Optional[float]:
+        """The network's keep rate (EViT, Evo-ViT, ToMe, Evo-LeViT); None if it reduces no tokens."""
+        return getattr(self.net, "keep_rate", None)
+
+    def set_keep_rate(self, keep_rate: float) -> None:
+        """Set the keep rate of the network and of its EMA copy (a reducer that cannot follow
+        ``keep_rate``, such as ToMe with an explicit r, refuses in one sentence)."""
+        if self.keep_rate is None:
+            raise UserInputError(f"Setting keep_rate={keep_rate} needs a token reducer (reducer=evit|evo|tome, or an "
+                                 f"Evo-LeViT model); {type(self.net).__name__} has none.")
+        for net in self._networks():
+            net.set_keep_rate(keep_rate)
+
+    @property
+    def layerwise(self) -> Optional[bool]:
+        """Evo-ViT's selection mode in training (Sec. 3.4): True layer-wise, False stage-wise; None
+        for a network without one."""
+        return getattr(self.net, "layerwise", None)
+
+    def set_layerwise(self, enable: bool) -> None:
+        """Switch Evo-ViT's (or Evo-LeViT's) selection mode of the network and of its EMA copy."""
+        if not hasattr(self.net, "set_layerwise"):
+            raise UserInputError(f"{type(self.net).__name__} has no layer-wise/stage-wise selection mode; expected "
+                                 "Evo-ViT (reducer=evo) or an Evo-LeViT model.")
+        for net in self._networks():
+            net.set_layerwise(enable)
 
     # --- training ---------------------------------------------------------------------------
     def loss(self, outputs, targets: torch.Tensor) -> torch.Tensor:
@@ -136,6 +179,21 @@ class ImageClassifier(pl.LightningModule):
         self._evaluate("test", batch)
 
     # --- optimisation ------------------------------------------------------------------------
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps in one epoch of this process: ceil(batches / accumulate_grad_batches), as
+        Lightning steps on the last, partial accumulation of an epoch too. Schedules given in epochs
+        (warm-up, keep rate) count epochs in these steps, whatever ends the run."""
+        trainer = self.trainer
+        if trainer.train_dataloader is None:
+            trainer.fit_loop.setup_data()
+        batches = trainer.num_training_batches
+        if math.isinf(batches):
+            raise UserInputError("Schedules in epochs (module.warmup_epochs, the keep-rate schedule) need the number "
+                                 "of training batches per epoch, but the training data loader has no length; "
+                                 "expected a data set with a length.")
+        return max(math.ceil(batches / trainer.accumulate_grad_batches), 1)
+
     def scaled_lr(self) -> float:
         """DeiT's linear scaling rule: lr × global batch / ``lr_base_batch``."""
         hp = self.hparams
@@ -153,8 +211,7 @@ class ImageClassifier(pl.LightningModule):
         if self.scheduler_factory is None:
             return optimizer
         total = max(int(self.trainer.estimated_stepping_batches), 1)
-        epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
-        warmup = int(round(self.hparams.warmup_epochs * total / epochs))
+        warmup = int(round(self.hparams.warmup_epochs * self.steps_per_epoch)) if self.hparams.warmup_epochs else 0
         scheduler = self.scheduler_factory(optimizer, t_initial=total, warmup_t=min(warmup, total - 1))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

@@ -47,8 +47,6 @@ def test_schedule_in_training_and_after_resume(tmp_path):
     expected.update({s: 0.5 + 0.5 * (math.cos(math.pi * (s - 4) / 4) + 1) / 2 for s in range(4, 8)})
     expected.update({s: 0.5 for s in range(8, 12)})
     assert got == pytest.approx(expected)
-    ckpt = torch.load(whole / "checkpoints" / "epoch_001.ckpt", map_location="cpu", weights_only=True)
-    assert any("KeepRateSchedule" in k for k in ckpt["callbacks"])
 
     resumed = tmp_path / "resumed"
     run(make_cfg(resumed, [*SCHEDULED, f"ckpt_path={whole / 'checkpoints' / 'epoch_000.ckpt'}"]))
@@ -67,21 +65,69 @@ def test_schedule_without_reducer_is_rejected(tmp_path):
         run(cfg)
 
 
-def test_evo_switches_from_layerwise_to_stagewise(tmp_path):
+def test_evo_switches_from_layerwise_to_stagewise_in_the_network_and_its_ema(tmp_path):
     cfg = make_cfg(tmp_path, [*FAST, "reducer=evo", "reducer.start=1", "reducer.stages=[1]", "keep_rate=0.5",
                               "callbacks=keep_rate", "callbacks.rich_progress_bar=null", "callbacks.model_summary=null",
                               "callbacks.keep_rate_schedule.start_epoch=0", "callbacks.keep_rate_schedule.epochs=0",
                               "callbacks.keep_rate_schedule.evo_stage_epoch=1", "trainer.max_epochs=2",
-                              "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "test=false"])
+                              "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "test=false",
+                              "module.ema_decay=0.9"])
     seen = []
 
     class Spy(Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            seen.append((trainer.current_epoch, pl_module.net.reducer.layerwise))
+            seen.append((trainer.current_epoch, pl_module.net.reducer.layerwise, pl_module.ema.module.reducer.layerwise))
     datamodule, module, trainer = build(cfg)
     trainer.callbacks.append(Spy())
     trainer.fit(module, datamodule=datamodule)
-    assert seen == [(0, True), (0, True), (1, False), (1, False)]
+    assert seen == [(0, True, True), (0, True, True), (1, False, False), (1, False, False)]
+
+
+def test_ema_is_validated_at_the_scheduled_keep_rate(tmp_path):
+    # val/ema_acc1 and val/acc1 must measure the same thing: the EMA copy follows the schedule too.
+    seen = []
+
+    class Spy(Callback):
+        def on_validation_epoch_start(self, trainer, pl_module):
+            if not trainer.sanity_checking:
+                seen.append((pl_module.net.keep_rate, pl_module.ema.module.keep_rate))
+    datamodule, module, trainer = build(make_cfg(tmp_path, [*SCHEDULED, "module.ema_decay=0.9"]))
+    trainer.callbacks.append(Spy())
+    trainer.fit(module, datamodule=datamodule)
+    # Validation after epochs 0, 1, 2 sees the keep rate of their last step (3, 7, 11).
+    last = [1.0, 0.5 + 0.5 * (math.cos(math.pi * 3 / 4) + 1) / 2, 0.5]
+    assert seen == [pytest.approx((r, r)) for r in last]
+
+
+@pytest.mark.parametrize("model", ["evo_deit_t", "evo_levit_128s"])
+def test_module_sets_keep_rate_and_selection_mode_of_network_and_ema(tmp_path, model):
+    import hydra
+    cfg = make_cfg(tmp_path, [f"model={model}", "data=synthetic", "data.image_size=64", "data.num_classes=10",
+                              "module.ema_decay=0.99"])
+    module = hydra.utils.instantiate(cfg.module)
+    module.set_keep_rate(0.7)
+    module.set_layerwise(True)
+    assert module.keep_rate == module.ema.module.keep_rate == 0.7
+    assert module.layerwise is module.ema.module.layerwise is True
+    module.set_layerwise(False)
+    assert module.layerwise is module.ema.module.layerwise is False
+
+
+def test_schedule_refuses_at_fit_start_a_reducer_that_cannot_follow_it(tmp_path):
+    # ToMe with an explicit r cannot merge to a keep rate: refused before the first step, not when the
+    # schedule first goes below 1 (start_epoch=1).
+    tome = [o for o in SCHEDULED if not o.startswith(("reducer", "keep_rate"))]
+    cfg = make_cfg(tmp_path, [*tome, "reducer=tome", "reducer.r=2", "callbacks.keep_rate_schedule.target=0.5"])
+    datamodule, module, trainer = build(cfg)
+    with pytest.raises(UserInputError, match="explicit r fixes how many tokens merge"):
+        trainer.fit(module, datamodule=datamodule)
+    assert trainer.global_step == 0
+
+
+def test_stage_switch_without_evo_vit_is_rejected(tmp_path):
+    cfg = make_cfg(tmp_path, [*SCHEDULED, "callbacks.keep_rate_schedule.evo_stage_epoch=1"])
+    with pytest.raises(UserInputError, match=r"evo_stage_epoch=1 switches Evo-ViT's layer-wise/stage-wise selection, but the model has no such mode"):
+        run(cfg)
 
 
 def test_bad_schedule_settings():
