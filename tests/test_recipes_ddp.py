@@ -90,7 +90,9 @@ def test_recipe_trains_under_ddp_and_resumes(tmp_path, tiny_imagenet, teacher_fi
     assert any(r.get("val/acc1") for r in rows) and any(r.get("test/acc1") for r in rows)
     assert any(r.get("val/ema_acc1") for r in rows) == ema
 
-    resumed = run_train(["ckpt_path=last", f"hydra.run.dir={run_dir}", f"trainer.max_steps={2 * STEPS_PER_EPOCH}"])
+    # Training a finished run further is a deliberate change of its saved config: resume.allow names it.
+    resumed = run_train(["ckpt_path=last", f"hydra.run.dir={run_dir}", f"trainer.max_steps={2 * STEPS_PER_EPOCH}",
+                         "resume.allow=[trainer.max_steps]"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert ranks_started(resumed.stderr) == {"0", "1"}
     last = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
