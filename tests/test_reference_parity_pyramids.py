@@ -16,7 +16,8 @@ from omegaconf import OmegaConf
 from accel.backbones import fuse_levit, slide_kernel
 from accel.backbones.levit_names import official_to_timm
 from accel.backbones.slide_attention import SlideAttention
-from accel.backbones.slide_swin import reparameterize_slide
+from accel.backbones.slide_swin import create_slide_swin, reparameterize_slide
+from accel.errors import UserInputError
 from seeded_weights import draw_state_dict, fingerprint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -152,3 +153,9 @@ def test_slide_swin_t_logits_equal_the_authors(slide_swin_checkpoint, fused_attn
         torch.testing.assert_close(model(fx["images"]), fx["logits"], atol=1e-5, rtol=0)
         monkeypatch.setattr(slide_kernel, "available", lambda: False)
         torch.testing.assert_close(model(fx["images"]), fx["logits"], atol=1e-5, rtol=0)
+
+
+def test_reference_slide_swin_t_checkpoint_is_refused_by_slide_swin_s(slide_swin_checkpoint):
+    _, path = slide_swin_checkpoint
+    with pytest.raises(UserInputError, match="does not fit the model: missing 'layers.2.blocks.6"):
+        create_slide_swin("slide_swin_s", num_classes=10, img_size=64, pretrained_path=str(path))
