@@ -204,7 +204,19 @@ def continue_run(cfg: DictConfig, ckpt_path: Optional[str]) -> bool:
     overrides, choices = _launch_overrides()
     allow = set((cfg.get("resume") or {}).get("allow") or [])
     changes = run_changes(cfg, saved, saved_choices, overrides, choices)
-    refused = [c for c in changes if not _is_neutral(c[0]) and c[0] not in allow]
+    deliberate = [c for c in changes if not _is_neutral(c[0])]
+    if launch_rank() == 0:  # the others follow rank 0, which refuses for them
+        refuse(run_dir, ckpt_path, [c for c in deliberate if c[0] not in allow], deliberate, cfg.get("train", True))
+    apply_run_config(cfg, saved, changes)
+    if launch_rank() == 0:
+        os.environ[CONTINUES_ENV] = run_dir
+        write_resume_record(cfg, run_dir, deliberate)
+    return True
+
+
+def refuse(run_dir: str, ckpt_path: Optional[str], refused: List[Tuple[str, str, str, Any]],
+           deliberate: List[Tuple[str, str, str, Any]], training: bool) -> None:
+    """One sentence for a launch that must not continue the run in ``run_dir`` (see continue_run)."""
     if refused:
         said = " and ".join(f"{k}={new}" for k, _, new, _ in refused)
         runs = " and ".join(old for _, old, _, _ in refused)
@@ -213,12 +225,10 @@ def continue_run(cfg: DictConfig, ckpt_path: Optional[str]) -> bool:
         raise UserInputError(f"resuming {run_dir} with {said}, which {verb} from the run's {runs}; resume without "
                              f"{'it' if len(refused) == 1 else 'them'} to continue the run as it was configured, or "
                              f"add resume.allow=[{keys}] to change it deliberately.")
-    unappliable = [k for k, _, _, top in changes if top == ""]
+    unappliable = [k for k, _, _, top in deliberate if top == ""]
     if unappliable:
         raise UserInputError(f"resuming {run_dir} with {unappliable[0]}=…, a config group that sets keys all over the "
                              "config, which a resume cannot change; start a new run (leave hydra.run.dir unset).")
-    deliberate = [c for c in changes if not _is_neutral(c[0])]
-    training = cfg.get("train", True)
     if training and ckpt_path is None and not os.environ.get("SLURM_RESTART_COUNT", "0").strip("0"):
         raise UserInputError(f"hydra.run.dir={run_dir} already holds a run ({RECORD}/config.yaml) and no checkpoint to "
                              "continue it from; leave hydra.run.dir unset for a new run directory, or remove "
@@ -230,7 +240,10 @@ def continue_run(cfg: DictConfig, ckpt_path: Optional[str]) -> bool:
                              "unset for a new run, evaluate it with train=false ckpt_path=last, or train it further "
                              "deliberately, e.g. trainer.max_epochs=<more> resume.allow=[trainer.max_epochs].")
 
-    # The run's config, with this launch's neutral and allowed settings.
+
+def apply_run_config(cfg: DictConfig, saved: DictConfig, changes: List[Tuple[str, str, str, Any]]) -> None:
+    """Replace ``cfg`` (but its Hydra node) by the run's ``saved`` config, keeping this launch's neutral
+    top-level nodes (paths, logger, ...) and its changes (a whole node for a group choice)."""
     current = {k: cfg[k] for k in cfg if k != "hydra"}
     with open_dict(cfg):
         for key in [k for k in cfg if k != "hydra" and k not in saved]:
@@ -242,20 +255,16 @@ def continue_run(cfg: DictConfig, ckpt_path: Optional[str]) -> bool:
         for key, _, _, top in changes:
             if top:
                 cfg[top] = current[top]
-            elif "." not in key or key.split(".")[0] not in NEUTRAL:
+            elif key.split(".")[0] not in NEUTRAL:
                 value = OmegaConf.select(OmegaConf.create(current), key, default=_ABSENT,
                                          throw_on_resolution_failure=False)
-                if value is _ABSENT:
+                if value is _ABSENT:  # ~key removed it
                     parent, _, leaf = key.rpartition(".")
                     node = OmegaConf.select(cfg, parent) if parent else cfg
                     if isinstance(node, DictConfig) and leaf in node:
                         del node[leaf]
                 else:
                     OmegaConf.update(cfg, key, _raw(current, key), merge=False, force_add=True)
-    if launch_rank() == 0:
-        os.environ[CONTINUES_ENV] = run_dir
-        write_resume_record(cfg, run_dir, deliberate)
-    return True
 
 
 def _raw(current: Dict[str, Any], key: str) -> Any:
