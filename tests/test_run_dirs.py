@@ -6,12 +6,13 @@ import sys
 import datetime
 
 import hydra.core.utils
+import pytest
 import yaml
 
 from conftest import ROOT, make_cfg
 from test_resume import TINY
 
-import run_dirs  # noqa: F401  (registers the resolvers the config uses)
+from run_dirs import new_dir  # registers the resolvers the config uses
 
 
 def test_the_default_run_and_sweep_directories_are_claimed_once_per_launch(tmp_path, monkeypatch):
@@ -47,3 +48,14 @@ def test_two_concurrent_launches_get_their_own_directory_record_and_checkpoints(
             assert os.path.isfile(run_dir / path), (name, path)
         assert not os.path.exists(run_dir / ".hydra" / "resume_1"), "each launch found a new directory"
     assert seeds == {1, 2}
+
+
+def test_an_unwritable_log_directory_stops_the_launch_in_one_sentence(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit) as stopped:
+        new_dir(f"{blocker}/logs/train/runs/now")
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.strip() == (f"error: cannot create the run directory {blocker}/logs/train/runs/now "
+                                               "(Not a directory); expected a writable paths.log_dir (or "
+                                               "hydra.run.dir=<a writable directory>).")
