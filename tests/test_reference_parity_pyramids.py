@@ -85,6 +85,21 @@ def test_levit_training_heads_and_gradients_equal_the_authors(levit):
                                    msg=lambda m: f"{official} ({timm_name}): {m}")
 
 
+LEVIT_FAMILY = load_fixture("levit_family_reference.pt")
+
+
+@pytest.mark.parametrize("name", sorted(LEVIT_FAMILY))
+def test_levit_family_eval_and_fused_logits_equal_the_authors(name, levit, tmp_path):
+    """LeViT-128, -192, -256, -384 (their specifications, official names) on LeViT-128S's images."""
+    fx = LEVIT_FAMILY[name]
+    images, cfg = levit[0]["images"], levit[0]["config"]
+    path = drawn_checkpoint(fx, tmp_path / f"{name}.pth")
+    model = build(name.lower(), num_classes=cfg["num_classes"], img_size=cfg["img_size"], pretrained_path=str(path))
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(images), fx["eval_logits"], atol=1e-5, rtol=0)
+        torch.testing.assert_close(fuse_levit(model)(images), fx["fused_logits"], atol=1e-5, rtol=0)
+
+
 # ------------------------------------------------------------------------------------ Slide attention
 
 SLIDE = load_fixture("slide_attention_reference.pt")
