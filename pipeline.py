@@ -27,7 +27,7 @@ from accel.errors import UserInputError
 from accel.reducers.base import check_keep_rate
 from callbacks.preemption import PreemptionCheckpoint
 from callbacks.resume_state import wandb_run_id
-from run_dirs import check_writable, continue_run, mark_finished, resume_index
+from run_dirs import check_writable, continue_run, mark_finished, resume_index, write_resume_record
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +230,7 @@ def run(cfg: DictConfig) -> Dict[str, float]:
     """Fit and/or test as the config says; return the metrics logged by the last stage. A launch into
     a directory that holds a run continues that run with its saved config (run_dirs.continue_run)."""
     ckpt_path = resolve_ckpt_path(cfg)
-    continue_run(cfg, ckpt_path)
+    changes = continue_run(cfg, ckpt_path)
     check_config(cfg, ckpt_path)
     run_dir = str(cfg.paths.output_dir)
     index = resume_index(run_dir)
@@ -246,6 +246,8 @@ def run(cfg: DictConfig) -> Dict[str, float]:
     if ckpt_path:
         check_checkpoint_fits(ckpt_path, module, ckpt)
         del ckpt  # Lightning loads it again where it restores the training state
+    if changes is not None and trainer.global_rank == 0:
+        write_resume_record(cfg, run_dir, changes)
 
     metrics: Dict[str, float] = {}
     if cfg.get("train", True):

@@ -37,6 +37,9 @@ NEUTRAL = ("ckpt_path", "resume", "train", "test", "paths", "logger", "tags", "o
            "data.num_workers", "trainer.enable_progress_bar", "callbacks.rich_progress_bar",
            "callbacks.model_summary")
 _ABSENT = object()
+# A command-line override that changes the run: (key, the run's value, the new value, the top-level node
+# that a group choice replaces whole, "" where a group cannot be applied, None for a key).
+Change = Tuple[str, str, str, Optional[str]]
 
 
 def launch_rank() -> int:
@@ -170,7 +173,7 @@ def _launch_overrides() -> Tuple[List[str], Dict[str, Any]]:
 
 
 def run_changes(cfg: DictConfig, saved: DictConfig, saved_choices: Dict[str, Any],
-                overrides: Iterable[str], choices: Dict[str, Any]) -> List[Tuple[str, str, str, Optional[str]]]:
+                overrides: Iterable[str], choices: Dict[str, Any]) -> List[Change]:
     """The launch's command-line overrides that change the saved run, as (key, the run's value, the
     new value, top-level node to take whole from ``cfg`` or None for the key alone); neutral keys
     are included (they are always applied), marked by the caller."""
@@ -189,15 +192,16 @@ def run_changes(cfg: DictConfig, saved: DictConfig, saved_choices: Dict[str, Any
     return changes
 
 
-def continue_run(cfg: DictConfig, ckpt_path: Optional[str]) -> bool:
+def continue_run(cfg: DictConfig, ckpt_path: Optional[str]) -> Optional[List[Change]]:
     """Give ``cfg`` the saved config of the run in ``paths.output_dir`` when this launch continues
-    it; return whether it does. Refuses (UserInputError) changes not listed in ``resume.allow``, a
+    it, and return the deliberate changes (``resume.allow``) to record (write_resume_record); None
+    when the launch starts a run. Refuses (UserInputError) changes not listed in ``resume.allow``, a
     finished run, and a run without a checkpoint to continue from."""
     run_dir = os.path.abspath(str(cfg.paths.output_dir))
     if not continues_run(run_dir, ckpt_path is not None):
         if launch_rank() == 0:
             os.environ.pop(CONTINUES_ENV, None)
-        return False
+        return None
     saved = saved_config(run_dir)
     hydra_saved = _saved(run_dir, "hydra.yaml")
     saved_choices = dict(hydra_saved.hydra.runtime.choices) if hydra_saved is not None else {}
@@ -210,12 +214,11 @@ def continue_run(cfg: DictConfig, ckpt_path: Optional[str]) -> bool:
     apply_run_config(cfg, saved, changes)
     if launch_rank() == 0:
         os.environ[CONTINUES_ENV] = run_dir
-        write_resume_record(cfg, run_dir, deliberate)
-    return True
+    return deliberate
 
 
-def refuse(run_dir: str, ckpt_path: Optional[str], refused: List[Tuple[str, str, str, Any]],
-           deliberate: List[Tuple[str, str, str, Any]], training: bool) -> None:
+def refuse(run_dir: str, ckpt_path: Optional[str], refused: List[Change],
+           deliberate: List[Change], training: bool) -> None:
     """One sentence for a launch that must not continue the run in ``run_dir`` (see continue_run)."""
     if refused:
         said = " and ".join(f"{k}={new}" for k, _, new, _ in refused)
@@ -241,7 +244,7 @@ def refuse(run_dir: str, ckpt_path: Optional[str], refused: List[Tuple[str, str,
                              "deliberately, e.g. trainer.max_epochs=<more> resume.allow=[trainer.max_epochs].")
 
 
-def apply_run_config(cfg: DictConfig, saved: DictConfig, changes: List[Tuple[str, str, str, Any]]) -> None:
+def apply_run_config(cfg: DictConfig, saved: DictConfig, changes: List[Change]) -> None:
     """Replace ``cfg`` (but its Hydra node) by the run's ``saved`` config, keeping this launch's neutral
     top-level nodes (paths, logger, ...) and its changes (a whole node for a group choice)."""
     current = {k: cfg[k] for k in cfg if k != "hydra"}
@@ -278,9 +281,10 @@ def _raw(current: Dict[str, Any], key: str) -> Any:
     return node._value() if hasattr(node, "_value") else node
 
 
-def write_resume_record(cfg: DictConfig, run_dir: str, deliberate: List[Tuple[str, str, str, Any]]) -> None:
-    """In this launch's record (``.hydra/resume_<k>/``): the config it runs with (Hydra wrote the one it
-    composed from today's defaults) and the deliberate changes (``changes.yaml``)."""
+def write_resume_record(cfg: DictConfig, run_dir: str, deliberate: List[Change]) -> None:
+    """In this launch's record (``.hydra/resume_<k>/``), once its checks passed: the config it runs with
+    (Hydra wrote the one it composed from today's defaults) and the deliberate changes
+    (``changes.yaml``, which marks the record as the config the run continues with next time)."""
     sub = launch_record()
     if sub is None or sub == RECORD:
         return
