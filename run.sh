@@ -3,7 +3,8 @@
 #   bash run.sh train [hydra overrides...]   # python train.py with the given overrides
 #   bash run.sh test  [pytest args...]       # the test suite
 # Creates .venv (Python 3.11) and installs requirements.txt into it, every transitive package held
-# at the version in constraints.txt; re-runs skip what is done.
+# at the version in constraints.txt, then the project itself (pyproject.toml, editable); re-runs skip
+# what is done.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -34,11 +35,12 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 stamp="$VENV/.requirements.sha256"
-want=$(cat requirements.txt constraints.txt | sha256sum | cut -d' ' -f1)
+want=$(cat requirements.txt constraints.txt pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   install_ffcv_build_deps
   "$VENV/bin/python" -m pip install --quiet pip==26.3
   "$VENV/bin/python" -m pip install --quiet -r requirements.txt -c constraints.txt
+  "$VENV/bin/python" -m pip install --quiet --no-deps -e .
   echo "$want" > "$stamp"
 fi
 

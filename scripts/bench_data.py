@@ -27,17 +27,16 @@ import time
 from multiprocessing import Pool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-from torch.utils.data import DataLoader, Dataset  # noqa: E402
-from torchvision import datasets, io as tvio  # noqa: E402
-from torchvision.transforms import v2  # noqa: E402
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import datasets, io as tvio
+from torchvision.transforms import v2
 
-from accel.errors import UserInputError, run_cli  # noqa: E402
-from data.folder import ImageFolderDataModule  # noqa: E402
+from accel.errors import UserInputError, run_cli
+from data.folder import ImageFolderDataModule
 
 BACKENDS = ("imagefolder_pil", "imagefolder_decode", "torchvision", "ffcv_jpg256", "ffcv_full")
 

@@ -35,7 +35,6 @@ import torch
 import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 os.environ.setdefault("PROJECT_ROOT", ROOT)
 
 from hydra import compose, initialize_config_dir  # noqa: E402

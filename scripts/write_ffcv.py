@@ -15,11 +15,8 @@ import argparse
 import os
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from accel.errors import UserInputError, run_cli  # noqa: E402
-from data.ffcv_writer import (ON_CORRUPT, WRITE_MODES, ImageFieldOptions, check_outputs,  # noqa: E402
+from accel.errors import UserInputError, run_cli
+from data.ffcv_writer import (ON_CORRUPT, WRITE_MODES, ImageFieldOptions, check_outputs,
                               split_folders, write_split)
 
 
