@@ -1,5 +1,5 @@
 """Log the model's size and cost once at the start of training: parameters (millions) and forward
-GFLOPs (multiply-adds for one image, torch.utils.flop_counter with attention counted on CPUs)."""
+GMACs (multiply-accumulates for one image, torch.utils.flop_counter with attention counted on CPUs)."""
 from __future__ import annotations
 
 import pytorch_lightning as pl
@@ -9,7 +9,7 @@ from accel.flops import count_flops
 
 
 class ModelStats(pl.Callback):
-    """Logs ``model/params_M`` and ``model/gflops`` (at the reducer's configured keep rate)."""
+    """Logs ``model/params_M`` and ``model/gmacs`` (at the reducer's configured keep rate)."""
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         size = getattr(trainer.datamodule, "image_size", None)
@@ -17,7 +17,6 @@ class ModelStats(pl.Callback):
         stats = {"model/params_M": sum(p.numel() for p in net.parameters()) / 1e6}
         if size:
             image = torch.zeros(1, 3, size, size, device=pl_module.device)
-            stats["model/gflops"] = count_flops(net, image) / 2e9
-        pl_module.model_stats = stats
+            stats["model/gmacs"] = count_flops(net, image) / 2e9
         for lg in trainer.loggers:
             lg.log_metrics(stats, step=0)

@@ -12,10 +12,10 @@ merged convolution), ``sdpa`` (timm attention modules' fused-attention switch, o
 and ``packed``
 (accel.cpu_inference's packed oneDNN linears) transform the model for the inference columns only). All models are built in one process; timings warm up first, then each model
 is timed in turn, rotating the order every round, and the median is reported. Columns:
-inference img/s, one training step (forward + backward + AdamW) img/s, forward GFLOPs
+inference img/s, one training step (forward + backward + AdamW) img/s, forward GMACs
 (torch.utils.flop_counter, attention included on CPU too), parameters, peak memory of a training
 step (CUDA: max allocated; CPU: bytes of tensors saved for backward) and, with ``--data``, val top-1.
-Writes benchmark.csv and benchmark.png (throughput against GFLOPs, one curve per method).
+Writes benchmark.csv and benchmark.png (throughput against GMACs, one curve per method).
 """
 from __future__ import annotations
 
@@ -217,7 +217,7 @@ def run(args) -> List[Entry]:
     yt = torch.randint(args.num_classes, (args.train_batch,), device=args.device)
     for e in entries:
         e.results["params_M"] = sum(p.numel() for p in e.net.parameters()) / 1e6
-        e.results["gflops"] = count_flops(e.net, images(1, args)) / 2e9  # multiply-adds, as papers report
+        e.results["gmacs"] = count_flops(e.net, images(1, args)) / 2e9  # multiply-accumulates, as papers report (as "FLOPs")
         for _ in range(args.warmup):
             time_inference(e, x, args)
             if args.train:
@@ -243,7 +243,7 @@ def run(args) -> List[Entry]:
     return entries
 
 
-COLUMNS = ["infer_img_s", "infer_x", "train_img_s", "train_x", "gflops", "params_M", "train_mem_MB", "mem_x", "top1"]
+COLUMNS = ["infer_img_s", "infer_x", "train_img_s", "train_x", "gmacs", "params_M", "train_mem_MB", "mem_x", "top1"]
 
 
 def report(entries: List[Entry], args) -> None:
@@ -272,11 +272,11 @@ def plot(entries: List[Entry], path: str, y: str, title: str) -> None:
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 5))
     for method in dict.fromkeys(e.method for e in entries):
-        pts = sorted((e.results["gflops"], e.results[y], e.point) for e in entries if e.method == method)
+        pts = sorted((e.results["gmacs"], e.results[y], e.point) for e in entries if e.method == method)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=method)
         for gf, val, point in pts:
             ax.annotate(point, (gf, val), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set_xlabel("GFLOPs (multiply-adds, batch 1)")
+    ax.set_xlabel("GMACs per image (multiply-accumulates)")
     ax.set_ylabel("val top-1" if y == "top1" else "inference images / s")
     ax.set_title(title, fontsize=7)
     ax.grid(alpha=0.3)
