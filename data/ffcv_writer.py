@@ -213,17 +213,3 @@ def write_split(folder: str, out_path: str, options: ImageFieldOptions, num_work
         _remove(tmp)
         manager.shutdown()
     return SplitReport(out_path, len(indices), found.classes, [skipped[i] for i in sorted(skipped)])
-
-
-def split_folders(root: str, splits: Sequence[str]) -> List[str]:
-    """``root/<split>`` for each split, each checked to hold class folders."""
-    if not os.path.isdir(root):
-        raise UserInputError(f"{root!r} is not a directory; expected an ImageFolder root with "
-                             f"{' and '.join(s + '/' for s in splits)} holding one sub-folder of images per class.")
-    folders = []
-    for split in splits:
-        path = os.path.join(root, split)
-        if not os.path.isdir(path) or not any(e.is_dir() for e in os.scandir(path)):
-            raise UserInputError(f"{path} is missing or has no class folders; expected {root}/{split}/<class>/<image>.")
-        folders.append(path)
-    return folders

@@ -14,21 +14,10 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from accel.errors import UserInputError
 from data.checked_folder import CheckedImageFolder
+from data.layout import split_folders
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def check_folder_layout(root: Optional[str]) -> None:
-    """Raise one sentence if ``root`` is not a folder with train/ and val/ class sub-folders."""
-    if not root or not os.path.isdir(root):
-        raise UserInputError(f"data.root={root!r} is not a directory; expected a folder with train/ and val/, "
-                             "each holding one sub-folder of images per class.")
-    for split in ("train", "val"):
-        path = os.path.join(root, split)
-        if not os.path.isdir(path) or not any(e.is_dir() for e in os.scandir(path)):
-            raise UserInputError(f"data.root={root!r} has no {split}/ class folders ({path} is missing or empty); "
-                                 "expected root/train/<class>/*.jpg and root/val/<class>/*.jpg.")
 
 
 class RankedRepeatAugSampler(RepeatAugSampler, DistributedSampler):
@@ -67,7 +56,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
         self.batch_size = batch_size
         self.train_set = self.val_set = None
         if not self._writes_its_own_data():
-            check_folder_layout(root)
+            split_folders(root, name="data.root")
 
     def _writes_its_own_data(self) -> bool:
         return False

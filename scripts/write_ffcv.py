@@ -16,8 +16,8 @@ import os
 import sys
 
 from accel.errors import UserInputError, run_cli
-from data.ffcv_writer import (ON_CORRUPT, WRITE_MODES, ImageFieldOptions, check_outputs,
-                              split_folders, write_split)
+from data.ffcv_writer import ON_CORRUPT, WRITE_MODES, ImageFieldOptions, check_outputs, write_split
+from data.layout import split_folders
 
 
 def parse(argv=None) -> argparse.Namespace:
