@@ -121,3 +121,13 @@ def test_an_unwritable_directory_stops_the_run_before_training(tmp_path, key):
     with pytest.raises(UserInputError, match=rf"directory of \w+ {blocker}/sub is not writable"):
         run(make_cfg(tmp_path / "run", [*TINY, "trainer.max_steps=2", f"{key}={blocker}/sub"]))
     assert not os.path.exists(tmp_path / "run" / "checkpoints" / "last.ckpt")
+
+
+def test_a_deliberate_change_that_fails_its_checks_does_not_become_the_runs_config(stopped_run, tmp_path):
+    run_dir = copy_of(stopped_run, tmp_path)
+    line = last_error(launch(["ckpt_path=last", f"hydra.run.dir={run_dir}", "++model.embed_dim=96",
+                              "resume.allow=[model.embed_dim]"]))
+    assert "does not fit the configured model" in line
+    proc = launch(["train=false", "ckpt_path=last", f"hydra.run.dir={run_dir}"])  # evaluates with the run's model
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "test/acc1" in open(run_dir / "csv" / "resume_1" / "metrics.csv").readline()
