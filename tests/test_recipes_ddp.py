@@ -104,6 +104,8 @@ def test_recipe_trains_under_ddp_and_resumes(tmp_path, tiny_imagenet, teacher_fi
     assert last["global_step"] == 2 * STEPS_PER_EPOCH and last["epoch"] == 1
     assert any(k.startswith("ema.") for k in last["state_dict"]) == ema
     _, resumed_rows = csv_rows(run_dir)
+    # Two new steps, none before the saved one. Not their exact numbers: Lightning 2.6 replays the saved
+    # epoch's end when a max_steps run resumes and logs one step late (Lightning issue #19403).
     steps = [int(r["step"]) for r in resumed_rows if r.get("train/loss_step")]
     assert len(steps) == STEPS_PER_EPOCH and min(steps) >= STEPS_PER_EPOCH, "the resumed launch continues from the saved step"
     assert any(r.get("val/acc1") for r in resumed_rows)
