@@ -2,59 +2,80 @@
 
 One row per image: the input, then one panel per reducing block — EViT: dropped patches dimmed;
 Evo-ViT: global class attention as a heat map with the kept patches outlined; ToMe: patches coloured
-by the merged token that holds them (needs ``trace_source``)."""
+by the merged token that holds them. Dispatches on the type of each selection
+(``accel.reducers.selection``), so any ``TokenReducingNet`` can be drawn, Evo-LeViT included."""
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import List, Sequence
 
 import numpy as np
 import torch
 
+from accel.reducers.protocol import TokenReducingNet
+from accel.reducers.selection import KeptTokens, MergedTokens, Selection, SlowFastTokens
+
 
 def patch_mask_to_image(mask: np.ndarray, grid: Sequence[int], size: Sequence[int]) -> np.ndarray:
-    """Per-patch values [gh*gw] → a per-pixel map of ``size`` (nearest)."""
-    m = mask.reshape(grid)
-    return np.kron(m, np.ones((size[0] // grid[0], size[1] // grid[1])))
+    """Per-patch values [gh*gw] (or [gh*gw, k]) → a per-pixel map of ``size`` (nearest patch)."""
+    m = mask.reshape(*grid, *mask.shape[1:])
+    rows = np.arange(size[0]) * grid[0] // size[0]
+    cols = np.arange(size[1]) * grid[1] // size[1]
+    return m[rows][:, cols]
 
 
-def _kept_mask(entry: Dict[str, torch.Tensor], b: int, n: int) -> np.ndarray:
-    kept = entry["kept"][b].cpu().numpy()
+def _kept_mask(kept: torch.Tensor, n: int) -> np.ndarray:
+    kept = kept.cpu().numpy()
     mask = np.zeros(n, dtype=bool)
     mask[kept[kept >= 0]] = True
     return mask
 
 
-def panels(images: np.ndarray, selection: List[Dict[str, torch.Tensor]], grid: Sequence[int],
-           num_prefix: int = 1) -> List[List[np.ndarray]]:
-    """RGB panels (H, W, 3 in [0, 1]) per image: the image, then one per selection entry."""
-    n = grid[0] * grid[1]
+def _slow_fast_panel(img: np.ndarray, entry: SlowFastTokens, b: int) -> np.ndarray:
+    """Global class attention as a heat map, the slow tokens outlined by brightness."""
+    n, size = entry.grid[0] * entry.grid[1], img.shape[:2]
+    heat = np.zeros(n)
+    heat[entry.source_index[b].cpu().numpy()] = entry.global_attention[b].float().cpu().numpy()
+    heat = (heat - heat.min()) / (np.ptp(heat) + 1e-12)
+    hm = patch_mask_to_image(heat, entry.grid, size)[..., None]
+    kept = patch_mask_to_image(_kept_mask(entry.kept[b], n).astype(float), entry.grid, size)[..., None]
+    panel = 0.5 * img + 0.5 * hm * np.array([1.0, 0.3, 0.0]) + 0.5 * (1 - hm) * np.array([0.0, 0.2, 0.6])
+    return np.clip(panel * (0.45 + 0.55 * kept), 0, 1)
+
+
+def _merged_panel(img: np.ndarray, entry: MergedTokens, b: int) -> np.ndarray:
+    """Each patch coloured by the merged token that holds it (needs the traced ``source``)."""
+    source = entry.source[b].float().cpu().numpy()[:, entry.num_prefix:]   # [tokens, patches]
+    owner = source.argmax(axis=0)
+    colours = np.random.default_rng(0).uniform(0.15, 1.0, size=(source.shape[0], 3))
+    big = patch_mask_to_image(colours[owner], entry.grid, img.shape[:2])
+    return np.clip(0.5 * img + 0.5 * big, 0, 1)
+
+
+def panels(images: np.ndarray, selections: Sequence[Selection]) -> List[List[np.ndarray]]:
+    """RGB panels (H, W, 3 in [0, 1]) per image: the image, then one per selection — kept tokens
+    (EViT, Top-K): the patches still present dimmed in; slow-fast (Evo-ViT): global class attention
+    with the slow tokens bright; merged (ToMe): merge groups in colours."""
     rows = []
     for b, img in enumerate(images):
-        size = img.shape[:2]
         row = [img]
-        alive = np.ones(n, dtype=bool)
-        for entry in selection:
-            if "global_attention" in entry:  # Evo-ViT
-                order = entry["source_index"][b].cpu().numpy()
-                heat = np.zeros(n)
-                heat[order] = entry["global_attention"][b].float().cpu().numpy()
-                heat = (heat - heat.min()) / (np.ptp(heat) + 1e-12)
-                hm = patch_mask_to_image(heat, grid, size)[..., None]
-                kept = patch_mask_to_image(_kept_mask(entry, b, n).astype(float), grid, size)[..., None]
-                panel = 0.5 * img + 0.5 * hm * np.array([1.0, 0.3, 0.0]) + 0.5 * (1 - hm) * np.array([0.0, 0.2, 0.6])
-                row.append(np.clip(panel * (0.45 + 0.55 * kept), 0, 1))
-            elif "source" in entry:  # ToMe
-                source = entry["source"][b].float().cpu().numpy()[:, num_prefix:]   # [tokens, prefix+patches]
-                owner = source.argmax(axis=0)
-                rng = np.random.default_rng(0)
-                colours = rng.uniform(0.15, 1.0, size=(source.shape[0], 3))
-                colour_map = colours[owner].reshape(*grid, 3)
-                big = np.kron(colour_map, np.ones((size[0] // grid[0], size[1] // grid[1], 1)))
-                row.append(np.clip(0.5 * img + 0.5 * big, 0, 1))
-            elif "kept" in entry:  # EViT: patches still present after this block
-                alive &= _kept_mask(entry, b, n)
-                dim = patch_mask_to_image(alive.astype(float), grid, size)[..., None]
+        alive = {}  # per grid: the patches no kept-token selection has dropped so far
+        for entry in selections:
+            if isinstance(entry, SlowFastTokens):
+                row.append(_slow_fast_panel(img, entry, b))
+            elif isinstance(entry, MergedTokens):
+                if entry.source is None:
+                    raise ValueError(f"MergedTokens of block {entry.block} has no source; trace the forward "
+                                     "(net.set_tracing(True)) to draw merge groups.")
+                row.append(_merged_panel(img, entry, b))
+            elif isinstance(entry, KeptTokens):
+                n = entry.grid[0] * entry.grid[1]
+                mask = alive.setdefault(entry.grid, np.ones(n, dtype=bool))
+                mask &= _kept_mask(entry.kept[b], n)
+                dim = patch_mask_to_image(mask.astype(float), entry.grid, img.shape[:2])[..., None]
                 row.append(img * (0.2 + 0.8 * dim))
+            else:
+                raise TypeError(f"No picture for a {type(entry).__name__}; expected KeptTokens, SlowFastTokens "
+                                "or MergedTokens.")
         rows.append(row)
     return rows
 
@@ -78,20 +99,16 @@ def denormalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) ->
 
 
 @torch.no_grad()
-def render(net: torch.nn.Module, images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """Run ``net`` (a ReducedViT) on normalised ``images`` and draw its last selection as a grid."""
-    reducer = net.reducer
-    tracing = getattr(reducer, "trace_source", None)
-    was_training = net.training
-    if tracing is False:
-        reducer.trace_source = True
+def render(net: TokenReducingNet, images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """Run ``net`` (a token-reducing network) in eval mode on normalised ``images`` and draw its
+    selections as a grid, tracing that forward so that every selection can be drawn."""
+    was_training, was_tracing = net.training, net.tracing
+    net.set_tracing(True)
     net.eval()
     try:
         net(images)
-        selection = list(net.last_selection)
+        selections = net.selections
     finally:
         net.train(was_training)
-        if tracing is False:
-            reducer.trace_source = False
-    grid = net.vit.patch_embed.grid_size
-    return grid_image(panels(denormalize(images, mean, std), selection, grid, net.vit.num_prefix_tokens))
+        net.set_tracing(was_tracing)
+    return grid_image(panels(denormalize(images, mean, std), selections))

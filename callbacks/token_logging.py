@@ -1,6 +1,6 @@
 """Log what the token reducer keeps, fuses and merges on a fixed set of validation images: EViT's
-kept patches per reduction block, Evo-ViT's global class attention and kept set, ToMe's merge
-groups (papers' Fig. "visualisation of token selection"). To W&B as images, to TensorBoard with
+kept patches per reduction block, Evo-ViT's (and Evo-LeViT's) global class attention and kept set,
+ToMe's merge groups (papers' Fig. "visualisation of token selection"). To W&B as images, to TensorBoard with
 ``add_image``, and otherwise as PNG files in the run directory."""
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
 
+from accel.reducers.protocol import TokenReducingNet
 from accel.visualize import render
 
 
@@ -34,8 +35,8 @@ class TokenSelectionLogger(pl.Callback):
         return self.images
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        net = getattr(pl_module, "net", None)
-        if trainer.sanity_checking or not hasattr(net, "reducer") or not trainer.is_global_zero:
+        net = pl_module.net
+        if trainer.sanity_checking or not isinstance(net, TokenReducingNet) or not trainer.is_global_zero:
             return
         if (trainer.current_epoch + 1) % self.every_n_epochs:
             return

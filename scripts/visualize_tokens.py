@@ -24,6 +24,7 @@ from timm.data import create_transform  # noqa: E402
 
 from accel.checkpoint import read_state_dict  # noqa: E402
 from accel.errors import UserInputError, run_cli  # noqa: E402
+from accel.reducers.protocol import TokenReducingNet  # noqa: E402
 from accel.visualize import render  # noqa: E402
 from data.checked_folder import load_rgb  # noqa: E402
 from data.digits import DIGITS_MEAN, DIGITS_STD  # noqa: E402
@@ -60,8 +61,9 @@ def main(argv=None) -> str:
         raise UserInputError(f"--images {args.images!r} is not a directory; expected a folder of images.")
     cfg = run_config(args)
     net = instantiate(cfg.module).net
-    if not hasattr(net, "reducer"):
-        raise UserInputError("The model has no token reducer (reducer=none); nothing to draw.")
+    if not isinstance(net, TokenReducingNet):
+        raise UserInputError(f"The model ({type(net).__name__}) reduces no tokens (reducer=none?); nothing to draw; "
+                             "expected reducer=evit|evo|tome|topk or an Evo-LeViT model.")
     if args.ckpt:
         net.load_state_dict(read_state_dict(args.ckpt))
     files = sorted(os.path.join(d, f) for d, _, fs in os.walk(args.images) for f in fs if f.lower().endswith(EXTENSIONS))

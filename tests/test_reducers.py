@@ -56,15 +56,15 @@ def test_evit_keeps_dist_token(deit_t_distilled):
     counts = block_inputs(model, IMAGES)
     # [CLS] + DIST are kept on top of ceil(.7·196)=138 patches + the fused token.
     assert counts == [198] * 4 + [141] * 3 + [101] * 3 + [73] * 2
-    assert all(int(s["kept"].max()) < 196 for s in model.last_selection[:1])
+    assert all(int(s.kept.max()) < 196 for s in model.selections[:1])
 
 
 def test_tome_token_counts_deit_s(deit_s):
     model = with_reducer(deit_s, ToMe(r=13)).eval()
     counts = block_inputs(model, IMAGES)
     assert counts == [197 - 13 * i for i in range(12)]
-    assert model.last_selection[-1]["size"].shape[1] == 41
-    assert float(model.last_selection[-1]["size"].sum(dim=1).mean()) == 197
+    assert model.selections[-1].size.shape[1] == 41
+    assert float(model.selections[-1].size.sum(dim=1).mean()) == 197
 
 
 def test_tome_keeps_cls_and_dist_first_and_unmerged(deit_t_distilled):
@@ -72,11 +72,11 @@ def test_tome_keeps_cls_and_dist_first_and_unmerged(deit_t_distilled):
     model = with_reducer(deit_t_distilled, ToMe(r=8, trace_source=True)).eval()
     with torch.no_grad():
         model(IMAGES)
-    assert len(model.last_selection) == 12
-    for entry in model.last_selection:
-        source = entry["source"]                          # [B, tokens, input tokens]: which inputs each token holds
-        assert torch.equal(source[:, 0], torch.eye(198)[0].expand(2, -1)), entry["block"]
-        assert torch.equal(source[:, 1], torch.eye(198)[1].expand(2, -1)), entry["block"]
+    assert len(model.selections) == 12
+    for entry in model.selections:
+        source = entry.source                          # [B, tokens, input tokens]: which inputs each token holds
+        assert torch.equal(source[:, 0], torch.eye(198)[0].expand(2, -1)), entry.block
+        assert torch.equal(source[:, 1], torch.eye(198)[1].expand(2, -1)), entry.block
 
 
 def tome_schedule(**kwargs):
@@ -99,8 +99,8 @@ def small_vit(**kwargs):
 def tokens_after_last_block(model, images):
     with torch.no_grad():
         model(images)
-    merges = [s for s in model.last_selection if s["block"] == 11]
-    return merges[0]["size"].shape[1] if merges else None
+    merges = [s for s in model.selections if s.block == 11]
+    return merges[0].size.shape[1] if merges else None
 
 
 def test_tome_keep_rate_schedule_drives_merging():
@@ -111,7 +111,7 @@ def test_tome_keep_rate_schedule_drives_merging():
     model.set_keep_rate(1.0)
     with torch.no_grad():
         torch.testing.assert_close(model(images), model.vit(images), atol=1e-5, rtol=0)   # nothing merged
-    assert model.last_selection == []
+    assert model.selections == []
     for keep_rate, image_tokens in [(0.75, 48), (0.5, 32), (0.25, 16)]:
         model.set_keep_rate(keep_rate)
         assert model.keep_rate == keep_rate
@@ -193,11 +193,11 @@ def test_evo_representative_fast_path_updates_placeholders():
             if i == 4:
                 before = x
             x, state = reducer.block(i, vit.blocks[i], x, state)
-        sel = reducer.last_selection[0]
-        n_keep = sel["kept"].shape[1]
-        patches = before[:, 1:].gather(1, sel["source_index"].unsqueeze(-1).expand(-1, -1, before.shape[-1]))
+        sel = state["selections"][0]
+        n_keep = sel.kept.shape[1]
+        patches = before[:, 1:].gather(1, sel.source_index.unsqueeze(-1).expand(-1, -1, before.shape[-1]))
         slow, rest = torch.cat([before[:, :1], patches[:, :n_keep]], dim=1), patches[:, n_keep:]
-        w = sel["global_attention"][:, n_keep:]
+        w = sel.global_attention[:, n_keep:]
         rep = torch.bmm((w / w.sum(1, keepdim=True)).unsqueeze(1), rest)
         seq = torch.cat([slow, rep], dim=1)
         for blk in vit.blocks[4:8]:            # timm's own blocks on [CLS, slow tokens, representative]

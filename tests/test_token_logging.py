@@ -7,7 +7,7 @@ import pytest
 import timm
 import torch
 
-from accel.backbones import with_reducer
+from accel.backbones import create_evo_levit, with_reducer
 from accel.reducers import EViT, EvoViT, ToMe
 from accel.visualize import render
 from conftest import FAST, make_cfg
@@ -25,7 +25,21 @@ def test_render_draws_one_panel_per_reducing_block(reducer, panels):
     assert picture.dtype == np.uint8 and picture.shape == (2 + 3 * 66, 2 + panels * 66, 3)
     assert picture.std() > 0
     if isinstance(net.reducer, ToMe):
-        assert net.reducer.trace_source is False, "tracing is switched back off"
+        assert net.tracing is False and net.reducer.trace_source is False, "tracing is switched back off"
+
+
+def test_render_draws_evo_levit_stages_on_their_own_grids():
+    """Any token-reducing network is drawn from its typed selections: Evo-LeViT selects once per
+    pruned stage (2×2 and 1×1 grids at 64 px), each panel upsampled from its stage's grid."""
+    net = create_evo_levit("evo_levit_128s", [1, 1] + [0.5] * 7, [0.5] * 3, num_classes=5, img_size=64).train()
+    picture = render(net, torch.zeros(1, 3, 64, 64), (0.5,) * 3, (0.5,) * 3)   # a flat grey image
+    assert picture.shape == (2 + 66, 2 + 3 * 66, 3) and net.training, "input + 2 stages; training mode restored"
+    panel = picture[2:66, 68:132]
+    cells = [panel[r:r + 32, c:c + 32] for r in (0, 32) for c in (0, 32)]
+    assert all((cell == cell[0, 0]).all() for cell in cells), "one colour per cell of the 2×2 grid"
+    assert len({tuple(cell[0, 0]) for cell in cells}) > 1, "the cells differ (attention, slow path)"
+    last = picture[2:66, 134:198]
+    assert (last == last[0, 0]).all(), "the last stage's grid is one token"
 
 
 LOGGED = [*FAST, "reducer=evit", "reducer.locations=[0,1]", "keep_rate=0.5", "callbacks=token_selection",

@@ -22,7 +22,7 @@ What the reference changes in LeViT, and this module reproduces:
 * heads: mean of all patch tokens → class + distillation heads (averaged at evaluation), and in
   training auxiliary [CLS] heads (``head_cls``, ``head_cls_dist``; 720-733).
 
-Line numbers: evo_levit.py at fd630d01 (they match those the shared notes cite at 4c5d9b30). Where the code goes
+Line numbers: evo_levit.py at fd630d01. Where the code goes
 beyond or against what the paper/README describe (paper PDF not checked here): the learnt,
 per-layer trade-off (the method is described with a fixed one); head-mean scores (Evo-ViT on DeiT
 sums over heads); the score carry and ΣA rescaling through the shrinking attention, the removal of
@@ -51,14 +51,13 @@ from torch import nn
 from accel.backbones.evo_levit_names import is_reference_evo_levit, reference_to_ours
 from accel.checkpoint import load_into
 from accel.errors import UserInputError
+from accel.reducers import evo_core
+from accel.reducers.protocol import RecordsSelections
+from accel.reducers.selection import Selection, SlowFastTokens
 
 log = logging.getLogger(__name__)
 
 FIXED_TRADEOFF = 0.5  # evo_levit.py:344 global_attn_tradeoff
-
-
-def _gather(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-    return x.gather(1, order.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
 class EvoAttention(nn.Module):
@@ -119,7 +118,7 @@ class EvoAttentionDownsample(nn.Module):
         total = A.sum(dim=1, keepdim=True)
         order = torch.argsort(index, dim=1)  # back to raster order for the grid subsampling
         A = self._down(A.gather(1, order))
-        x = torch.cat([x[:, :1], _gather(x[:, 1:], order)], dim=1) + self.pos_embed
+        x = torch.cat([x[:, :1], evo_core.gather_tokens(x[:, 1:], order)], dim=1) + self.pos_embed
         B, N, _ = x.shape
         k, v = self.kv(x).view(B, N, self.num_heads, -1).split([self.key_dim, self.val_dim], dim=3)
         k, v = k.transpose(1, 2), v.transpose(1, 2)
@@ -153,10 +152,14 @@ class EvoLevitStage(nn.Module):
         self.blocks = nn.ModuleList(blocks)
 
 
-class EvoLevit(nn.Module):
+class EvoLevit(evo_core.LayerToStage, RecordsSelections, nn.Module):
     """Evo-LeViT with the reference's layout (3 stages, key dim ``key_dim``, attention ratio 2,
     MLP ratio 2, Hardswish) and its prune ratios: ``prune_ratios`` per layer (1 = full layer; the
     full layers of a stage come first) and ``stage_prune_ratios`` per stage (stage-wise selection).
+
+    A token-reducing network (``accel.reducers.protocol.TokenReducingNet``): ``keep_rate``,
+    ``layerwise``, ``selections`` (one ``SlowFastTokens`` per selection, indices on the stage's
+    grid) and ``forward_features`` / ``forward_head`` as timm's.
     """
 
     def __init__(self, embed_dim: Sequence[int], key_dim: int, num_heads: Sequence[int], depth: Sequence[int],
@@ -176,6 +179,7 @@ class EvoLevit(nn.Module):
         self.num_features = embed_dim[-1]
         self.stem = Stem16(3, embed_dim[0], act_layer=act)
         res = img_size // 16
+        self.grids: List[Tuple[int, int]] = []  # each stage's token grid
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim[0]))
         self.pos_embed = nn.Parameter(trunc_normal_(torch.zeros(1, res ** 2 + 1, embed_dim[0]), std=0.02))
         stages = []
@@ -184,6 +188,7 @@ class EvoLevit(nn.Module):
             if s > 0:
                 down = EvoDownsample(embed_dim[s - 1], dim, key_dim, res, act, drop_path_rate)
                 res = (res - 1) // 2 + 1
+            self.grids.append((res, res))
             stages.append(EvoLevitStage(down, [EvoBlock(dim, key_dim, heads, 2.0, 2.0, act, drop_path_rate)
                                                for _ in range(d)]))
         self.stages = nn.ModuleList(stages)
@@ -192,15 +197,18 @@ class EvoLevit(nn.Module):
         self.head_cls: Optional[nn.Module] = NormLinear(self.num_features, num_classes)
         self.head_cls_dist = NormLinear(self.num_features, num_classes) if distilled else None
         self.distilled_training = False
-        # Before the stage-wise epoch: selection at every pruned layer, fixed trade-off 0.5.
+        # True before the stage-wise epoch: selection at every pruned layer, fixed trade-off 0.5;
+        # False: stage-wise with the learnt trade-off (later epochs, inference).
         self.layerwise = False
-        self.last_selection: List[dict] = []
+        self._selections: List[Selection] = []
 
-    # --- the surface callbacks use -------------------------------------------------------------
-    def set_layerwise(self, enable: bool) -> None:
-        """Layer-wise selection with the fixed trade-off while training (True: the reference's
-        first 200 epochs) or stage-wise with the learnt trade-off (False: later epochs, inference)."""
-        self.layerwise = bool(enable)
+    # --- the token-reducing surface (accel.reducers.protocol.TokenReducingNet) ------------------
+    @property
+    def tracing(self) -> bool:
+        return True  # the selections always hold everything the pictures draw
+
+    def set_tracing(self, enable: bool) -> None:
+        """Nothing to switch: the selections are always complete."""
 
     def set_distilled_training(self, enable: bool = True) -> None:
         if not self.distilled:
@@ -228,80 +236,82 @@ class EvoLevit(nn.Module):
 
     # --- forward --------------------------------------------------------------------------------
     def _tradeoff(self, module: nn.Module):
-        if self.training and self.layerwise:
+        if self.selects_every_layer():
             return FIXED_TRADEOFF
         return torch.sigmoid(module.learn_tradeoff)
 
-    def _full(self, blk: EvoBlock, x: torch.Tensor, A: Optional[torch.Tensor]):
+    @staticmethod
+    def _residuals(blk: EvoBlock, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The block's output, its [CLS] attention row over the other tokens (head mean), and what
+        its two residual branches added to the last token."""
         a, s = blk.attn(x)
-        t = self._tradeoff(blk.attn)
-        A = s if A is None else (1 - t) * A + t * s
-        x = x + blk.drop_path(a)
-        return x + blk.drop_path(blk.mlp(x)), A
+        a = blk.drop_path(a)
+        x = x + a
+        f = blk.drop_path(blk.mlp(x))
+        return x + f, s, a[:, -1:] + f[:, -1:]
 
-    def _slow_fast(self, blocks: List[EvoBlock], keep: float, x, A, index):
+    def _full(self, blk: EvoBlock, x: torch.Tensor, A: Optional[torch.Tensor]):
+        x, s, _ = self._residuals(blk, x)
+        return x, evo_core.update_global_attention(A, s, self._tradeoff(blk.attn))
+
+    def _slow_fast(self, blocks: List[EvoBlock], keep: float, x, A, index, layer: int, grid: Tuple[int, int]):
         """Sort by A; the top int(P·keep) tokens (+ the representative of the others) run
         ``blocks``; every placeholder receives the representative's residual updates."""
         P = x.shape[1] - 1
         n_keep = int(P * keep)
-        order = torch.argsort(A, dim=1, descending=True)
-        A, index = A.gather(1, order), index.gather(1, order)
-        patches = _gather(x[:, 1:], order)
-        rest = patches[:, n_keep:]
-        w = A[:, n_keep:]
-        rep = ((w / w.sum(dim=1, keepdim=True)).unsqueeze(-1) * rest).sum(dim=1, keepdim=True)
-        self.last_selection.append({"kept": index[:, :n_keep], "global_attention": A.detach()})
-        h = torch.cat([x[:, :1], patches[:, :n_keep], rep], dim=1)
+        h, parked, A, index = evo_core.split(x, A, index, n_keep, representative=True)
+        self._selections.append(SlowFastTokens(layer, grid, kept=index[:, :n_keep], global_attention=A.detach(),
+                                               source_index=index))
         # Scores updated: the kept tokens, and the one placeholder too when only one is parked (quirk, 397).
         m = P if n_keep + 1 == P else n_keep
-        delta = 0
+        update = 0
         for blk in blocks:
-            a, s = blk.attn(h)
-            t = self._tradeoff(blk.attn)
-            A = torch.cat([(1 - t) * A[:, :m] + t * s[:, :m], A[:, m:]], dim=1)
-            a = blk.drop_path(a)
-            h = h + a
-            f = blk.drop_path(blk.mlp(h))
-            h = h + f
-            delta = delta + a[:, -1:] + f[:, -1:]
-        return torch.cat([h[:, :-1], rest + delta], dim=1), A, index
+            h, s, added = self._residuals(blk, h)
+            A = evo_core.update_global_attention(A, s, self._tradeoff(blk.attn), m)
+            update = update + added
+        return evo_core.join(h, parked, update), A, index
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         if images.shape[-2:] != (self.img_size, self.img_size):
             raise UserInputError(f"Evo-LeViT was built for {self.img_size}×{self.img_size} images (its position "
                                  f"embeddings are sized for it) but got {tuple(images.shape[-2:])}; set "
                                  f"model.img_size to the data's image size.")
-        self.last_selection = []
+        self._selections = []
         x = self.stem(images).flatten(2).transpose(1, 2)
         B, P, _ = x.shape
         x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1) + self.pos_embed
         A = None
         index = torch.arange(P, device=x.device).expand(B, -1)  # raster position of each patch token
         layer = 0
-        layerwise = self.training and self.layerwise
+        layerwise = self.selects_every_layer()
         for s, stage in enumerate(self.stages):
             if stage.downsample is not None:
                 x, A = stage.downsample(x, A, index, self._tradeoff(stage.downsample.attn_downsample))
                 index = torch.arange(x.shape[1] - 1, device=x.device).expand(B, -1)
             ratios = self.prune_ratios[layer:layer + len(stage.blocks)]
+            first_pruned = layer + sum(r == 1 for r in ratios)  # the full layers of a stage come first
             layer += len(stage.blocks)
             pruned = [(blk, r) for blk, r in zip(stage.blocks, ratios) if r < 1]
             for blk, r in zip(stage.blocks, ratios):
                 if r == 1:
                     x, A = self._full(blk, x, A)
             if pruned and layerwise:
-                for blk, r in pruned:
-                    x, A, index = self._slow_fast([blk], r, x, A, index)
+                for j, (blk, r) in enumerate(pruned):
+                    x, A, index = self._slow_fast([blk], r, x, A, index, first_pruned + j, self.grids[s])
             elif pruned and self.stage_prune_ratios[s] < 1:
-                x, A, index = self._slow_fast([b for b, _ in pruned], self.stage_prune_ratios[s], x, A, index)
+                x, A, index = self._slow_fast([b for b, _ in pruned], self.stage_prune_ratios[s], x, A, index,
+                                              first_pruned, self.grids[s])
             else:  # keep rate 1 (set_keep_rate(1.0)): plain LeViT layers with the [CLS] token
                 for blk, _ in pruned:
                     x, A = self._full(blk, x, A)
         return x
 
-    def forward(self, images: torch.Tensor):
-        x = self.forward_features(images)
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False):
+        """Heads on ``forward_features``' tokens: the mean of the patch tokens (and [CLS] for the
+        auxiliary heads in training)."""
         cls, feat = x[:, 0], x[:, 1:].mean(dim=1)
+        if pre_logits:
+            return feat
         logits = self.head(feat)
         aux = self.head_cls(cls) if self.training and self.head_cls is not None else None
         if self.head_dist is not None:
@@ -312,6 +322,9 @@ class EvoLevit(nn.Module):
             logits = (logits + dist) / 2
             aux = None if aux is None else (aux + aux_dist) / 2
         return logits if aux is None else (logits, aux)
+
+    def forward(self, images: torch.Tensor):
+        return self.forward_head(self.forward_features(images))
 
 
 def _check_ratios(prune_ratios: List[float], stage_ratios: List[float], depth: Tuple[int, ...]) -> None:

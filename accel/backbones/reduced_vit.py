@@ -6,21 +6,31 @@ method needs any, live under ``reducer.``).
 """
 from __future__ import annotations
 
-from typing import Set
+from typing import List, Optional, Set, Tuple
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from accel.errors import UserInputError
-from accel.reducers.base import TokenReducer
+from accel.reducers.base import State, TokenReducer
+from accel.reducers.protocol import RecordsSelections
+from accel.reducers.selection import Selection
 
 _OWN = ("vit", "reducer")
 
 
-class ReducedViT(nn.Module):
+class ReducedViT(RecordsSelections, nn.Module):
     """A timm ``VisionTransformer`` (DeiT, distilled DeiT, ViT) whose blocks run through a
-    ``TokenReducer`` (EViT, Evo-ViT, ToMe, or the identity)."""
+    ``TokenReducer`` (EViT, Evo-ViT, ToMe, Top-K, or the identity).
+
+    A token-reducing network (``accel.reducers.protocol.TokenReducingNet``). As timm's ViT,
+    ``forward(x) == forward_head(forward_features(x))`` with ``forward_features`` returning the
+    tokens after the final norm (Evo-ViT: before it, as it norms the pooled mean);
+    ``set_grad_checkpointing()`` re-computes each block in the backward pass instead of storing
+    its activations.
+    """
 
     def __init__(self, vit: VisionTransformer, reducer: TokenReducer) -> None:
         super().__init__()
@@ -29,10 +39,14 @@ class ReducedViT(nn.Module):
         self.vit = vit
         self.reducer = reducer
         reducer.bind(vit)
+        self.grad_checkpointing = False
+        self._selections: List[Selection] = []
+        # The reducer's state from forward_features to forward_head of the same forward.
+        self._state: Optional[State] = None
         self._register_state_dict_hook(_strip_vit_prefix)
         self._register_load_state_dict_pre_hook(_add_vit_prefix)
 
-    # The named surface callbacks use.
+    # --- the token-reducing surface (accel.reducers.protocol.TokenReducingNet) ------------------
     def set_keep_rate(self, keep_rate: float) -> None:
         self.reducer.set_keep_rate(keep_rate)
 
@@ -41,8 +55,26 @@ class ReducedViT(nn.Module):
         return self.reducer.keep_rate
 
     @property
-    def last_selection(self):
-        return self.reducer.last_selection
+    def layerwise(self) -> Optional[bool]:
+        """Evo-ViT's selection mode in training (True layer-wise, False stage-wise); None for
+        reducers that have none."""
+        return self.reducer.layerwise
+
+    def set_layerwise(self, enable: bool) -> None:
+        """Switch Evo-ViT's selection mode; a reducer without one raises UserInputError."""
+        self.reducer.set_layerwise(enable)
+
+    @property
+    def tracing(self) -> bool:
+        return self.reducer.tracing
+
+    def set_tracing(self, enable: bool) -> None:
+        self.reducer.set_tracing(enable)
+
+    @property
+    def grid(self) -> Tuple[int, int]:
+        """The patch grid (rows, cols)."""
+        return tuple(self.vit.patch_embed.grid_size)
 
     @property
     def num_classes(self) -> int:
@@ -56,8 +88,14 @@ class ReducedViT(nn.Module):
             raise UserInputError(f"{type(self.vit).__name__} has no distillation head; use a distilled DeiT.")
         self.vit.set_distilled_training(enable)
 
-    def forward_features(self, x: torch.Tensor):
-        """Tokens after the last block (before the final norm) and the reducer's state."""
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Re-compute each block (with its token reduction) in the backward pass instead of
+        keeping its activations: less memory for one more forward of the blocks."""
+        self.grad_checkpointing = bool(enable)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The tokens after the last block, as the reducer leaves them (timm: after the final norm)."""
         vit = self.vit
         x = vit.patch_embed(x)
         x = vit._pos_embed(x)
@@ -65,12 +103,25 @@ class ReducedViT(nn.Module):
         x = vit.norm_pre(x)
         state = self.reducer.reset(x, vit.num_prefix_tokens)
         for i, blk in enumerate(vit.blocks):
-            x, state = self.reducer.block(i, blk, x, state)
-        return x, state
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x, state = checkpoint(self._block, i, blk, x, state, use_reentrant=False)
+            else:
+                x, state = self.reducer.block(i, blk, x, state)
+        self._selections = list(state["selections"])
+        self._state = state
+        return self.reducer.features(vit, x, state)
+
+    def _block(self, i: int, blk: nn.Module, x: torch.Tensor, state: State):
+        # A copy: the re-run in the backward pass must start from the state this call started from.
+        return self.reducer.block(i, blk, x, dict(state))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False):
+        """Logits from ``forward_features``' tokens; in training, Evo-ViT adds its auxiliary head."""
+        state, self._state = self._state, None
+        return self.reducer.head(self.vit, x, state, pre_logits=pre_logits)
 
     def forward(self, x: torch.Tensor):
-        x, state = self.forward_features(x)
-        return self.reducer.head(self.vit, x, state)
+        return self.forward_head(self.forward_features(x))
 
 
 def with_reducer(vit: VisionTransformer, reducer: TokenReducer) -> ReducedViT:

@@ -18,6 +18,7 @@ from torch import nn
 from accel.errors import UserInputError
 from accel.reducers.attention import attention, attn_residual, check_plain_block, mlp_residual
 from accel.reducers.base import State, TokenReducer
+from accel.reducers.selection import KeptTokens
 
 
 class EViT(TokenReducer):
@@ -37,6 +38,7 @@ class EViT(TokenReducer):
         self.fuse_token = fuse_token
 
     def bind(self, vit: nn.Module) -> None:
+        super().bind(vit)
         depth = len(vit.blocks)
         bad = [i for i in self.locations if not 0 <= i < depth]
         if bad:
@@ -76,8 +78,7 @@ class EViT(TokenReducer):
             parts.append(torch.bmm(weights, tokens))
         x = torch.cat(parts, dim=1)
         index = state["index"].gather(1, idx)
-        self.last_selection.append({"block": i, "kept": index, "dropped_mask": dropped, "scores": scores.detach(),
-                                    "source_index": state["index"]})
+        self.record(state, KeptTokens(i, self.grid, kept=index, scores=scores.detach(), source_index=state["index"]))
         if self.fuse_token:
             index = torch.cat([index, index.new_full((index.shape[0], 1), -1)], dim=1)
         state["index"] = index

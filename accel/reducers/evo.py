@@ -10,29 +10,30 @@ stage (stage-wise, inference and late training) or at every block (layer-wise, e
 
 Placeholders: ``fast_path="none"`` keeps them unchanged, as the reference DeiT code does;
 ``fast_path="representative"`` is the paper's fast path (as in Evo-LeViT): the attention-weighted
-mean of the placeholders goes through the block as one extra token and its residual update is added
-to every placeholder. The classifier is the mean of all patch tokens → final norm → head, plus an
-auxiliary [CLS] head in training (loss 0.5/0.5).
+mean of the placeholders goes through the stage's blocks as one extra token and its residual updates
+are added to every placeholder when they rejoin. The classifier is the mean of all patch tokens →
+final norm → head, plus an auxiliary [CLS] head in training (loss 0.5/0.5).
+
+The token evolution itself (ranking, split, global attention update, rejoin, layer-to-stage mode)
+is ``accel.reducers.evo_core``, shared with Evo-LeViT; this module fits it to timm's ViT blocks.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from accel.errors import UserInputError
+from accel.reducers import evo_core
 from accel.reducers.attention import attention, attn_residual, check_plain_block, mlp_residual
 from accel.reducers.base import State, TokenReducer
+from accel.reducers.selection import SlowFastTokens
 
 FAST_PATHS = ("none", "representative")
 
 
-def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-
-
-class EvoViT(TokenReducer):
+class EvoViT(evo_core.LayerToStage, TokenReducer):
     """Evo-ViT slow-fast token evolution on a plain (non-distilled) timm ViT.
 
     Args:
@@ -57,16 +58,13 @@ class EvoViT(TokenReducer):
         self.stages = tuple(int(s) for s in stages)
         self.tradeoff = float(tradeoff)
         self.fast_path = fast_path
-        self.layerwise = layerwise_training
+        self.layerwise = bool(layerwise_training)
         self.aux_cls_head = aux_cls_head
         self.head_cls: Optional[nn.Module] = None
         self.norm_cls: Optional[nn.Module] = None
 
-    def set_layerwise(self, enable: bool) -> None:
-        """Layer-wise re-selection while training (True) or stage-wise (False: inference behaviour)."""
-        self.layerwise = bool(enable)
-
     def bind(self, vit: nn.Module) -> None:
+        super().bind(vit)
         depth = len(vit.blocks)
         if not 0 < self.start < depth:
             raise UserInputError(f"Evo-ViT start={self.start} is outside the model's {depth} blocks; expected 1…{depth - 1}.")
@@ -93,61 +91,51 @@ class EvoViT(TokenReducer):
     def reset(self, x: torch.Tensor, num_prefix: int) -> State:
         state = super().reset(x, num_prefix)
         n = x.shape[1] - 1
-        state.update(A=None, index=torch.arange(n, device=x.device).expand(x.shape[0], -1), rest=None, n_keep=n)
+        state.update(A=None, index=torch.arange(n, device=x.device).expand(x.shape[0], -1), parked=None, n_keep=n)
         return state
 
     def _stage_end(self, i: int) -> bool:
         later = [s for s in self.stages if s > i]
         return i + 1 == (later[0] if later else self.depth)
 
-    def _select(self, x: torch.Tensor, state: State, i: int) -> torch.Tensor:
-        """Sort all patch tokens by A; keep the top int(kr·n) as ``x``; park the rest in state."""
-        n = x.shape[1] - 1
-        n_keep = int(n * self.keep_rate)
-        A, order = torch.sort(state["A"], dim=1, descending=True)
-        patches = _gather(x[:, 1:], order)
-        state["A"], state["index"] = A, state["index"].gather(1, order)
-        state["rest"], state["n_keep"] = patches[:, n_keep:], n_keep
-        self.last_selection.append({"block": i, "kept": state["index"][:, :n_keep], "global_attention": A.detach(),
-                                    "source_index": state["index"]})
-        return torch.cat([x[:, :1], patches[:, :n_keep]], dim=1)
-
     def block(self, i: int, blk: nn.Module, x: torch.Tensor, state: State) -> Tuple[torch.Tensor, State]:
         if i < self.start:
             a = attention(blk.attn, blk.norm1(x), cls_row=True, explicit=self.explicit_attention)
-            s = a.cls_attn[:, :, 1:].sum(dim=1)
             # t = 1 before the first selection (the reference's tradeoff list), so A is this block's score.
-            state["A"] = s
+            state["A"] = a.cls_attn[:, :, 1:].sum(dim=1)
             return mlp_residual(blk, attn_residual(blk, x, a)), state
 
-        layerwise = self.training and self.layerwise
+        layerwise = self.selects_every_layer()
         if layerwise or i in self.stages:
-            if state["rest"] is not None:  # re-attach before re-ranking everything
-                x = torch.cat([x, state["rest"]], dim=1)
-            x = self._select(x, state, i)
+            if state["parked"] is not None:  # re-attach before re-ranking everything
+                x = evo_core.join(x, state["parked"])
+            n_keep = int((x.shape[1] - 1) * self.keep_rate)
+            x, state["parked"], state["A"], state["index"] = evo_core.split(
+                x, state["A"], state["index"], n_keep, representative=self.fast_path == "representative")
+            state["n_keep"] = n_keep
+            self.record(state, SlowFastTokens(i, self.grid, kept=state["index"][:, :n_keep],
+                                              global_attention=state["A"].detach(), source_index=state["index"]))
 
         n_keep = state["n_keep"]
-        rep = None
-        if self.fast_path == "representative" and state["rest"].shape[1] > 0:
-            w = state["A"][:, n_keep:]
-            rep = torch.bmm((w / w.sum(dim=1, keepdim=True)).unsqueeze(1), state["rest"])  # [B, 1, C]
-            x = torch.cat([x, rep], dim=1)
         a = attention(blk.attn, blk.norm1(x), cls_row=True, explicit=self.explicit_attention)
-        s = a.cls_attn[:, :, 1:1 + n_keep].sum(dim=1)
-        t = self.tradeoff
-        state["A"] = torch.cat([(1 - t) * state["A"][:, :n_keep] + t * s, state["A"][:, n_keep:]], dim=1)
+        s = a.cls_attn[:, :, 1:1 + n_keep].sum(dim=1)  # summed over heads, as the reference DeiT code
+        state["A"] = evo_core.update_global_attention(state["A"], s, self.tradeoff, n_keep)
         x = mlp_residual(blk, attn_residual(blk, x, a))
-        if rep is not None:
-            state["rest"] = state["rest"] + (x[:, -1:] - rep)
-            x = x[:, :-1]
 
         if layerwise or self._stage_end(i):
-            x = torch.cat([x, state["rest"]], dim=1)
-            state["rest"] = None
+            x = evo_core.join(x, state["parked"])
+            state["parked"] = None
         return x, state
 
-    def head(self, vit: nn.Module, x: torch.Tensor, state: State):
-        logits = vit.head(vit.head_drop(vit.norm(x[:, 1:].mean(dim=1))))
+    def features(self, vit: nn.Module, x: torch.Tensor, state: State) -> torch.Tensor:
+        # The final norm comes after pooling (norm of the patch-token mean), see ``head``.
+        return x
+
+    def head(self, vit: nn.Module, x: torch.Tensor, state: Optional[State], pre_logits: bool = False):
+        feat = vit.norm(x[:, 1:].mean(dim=1))
+        if pre_logits:
+            return feat
+        logits = vit.head(vit.head_drop(feat))
         if self.training and self.aux_cls_head:
             return logits, self.head_cls(self.norm_cls(x[:, 0]))
         return logits

@@ -24,6 +24,7 @@ from torch import nn
 from accel.errors import UserInputError
 from accel.reducers.attention import attention, attn_residual, check_plain_block, mlp_residual
 from accel.reducers.base import State, TokenReducer, check_keep_rate
+from accel.reducers.selection import MergedTokens
 
 RSpec = Union[int, Sequence[int], Tuple[int, float]]
 
@@ -122,10 +123,18 @@ class ToMe(TokenReducer):
         if self.depth:  # bound to a model: the schedule follows the new keep rate from the next forward
             self._schedule = self._make_schedule()
 
+    @property
+    def tracing(self) -> bool:
+        return self.trace_source
+
+    def set_tracing(self, enable: bool) -> None:
+        """Record which input tokens each merged token holds (``MergedTokens.source``)."""
+        self.trace_source = bool(enable)
+
     def bind(self, vit: nn.Module) -> None:
+        super().bind(vit)
         self.depth = len(vit.blocks)
         self.num_prefix = vit.num_prefix_tokens
-        self.grid = vit.patch_embed.grid_size
         self.num_patches = self.grid[0] * self.grid[1]
         for blk in vit.blocks:
             check_plain_block(blk, "ToMe")
@@ -187,8 +196,8 @@ class ToMe(TokenReducer):
             state["size"] = size = merged_size
             if self.trace_source:
                 state["source"] = merge(state["source"], plan, mode="amax")
-            self.last_selection.append({"block": i, "size": size.detach(), **(
-                {"source": state["source"]} if self.trace_source else {})})
+            self.record(state, MergedTokens(i, self.grid, size=size.detach(), source=state.get("source"),
+                                            num_prefix=state["num_prefix"]))
         return mlp_residual(blk, x), state
 
     def extra_repr(self) -> str:
