@@ -1,0 +1,49 @@
+"""Top-K pruning (accel/reducers/topk.py + conf/reducer/topk.yaml): the fourth reducer, added as one
+file and one yaml. It keeps the right number of tokens and equals EViT without fusion."""
+import pytest
+import timm
+import torch
+
+from accel.backbones import with_reducer
+from accel.errors import UserInputError
+from accel.reducers import EViT, KeptTokens
+from accel.reducers.topk import TopK
+from conftest import make_cfg
+from pipeline import instantiate
+
+
+def test_config_keeps_the_right_count_per_block(tmp_path):
+    """reducer=topk on the default model (16 image tokens, 6 blocks): half kept at blocks 1 and 3."""
+    cfg = make_cfg(tmp_path, ["reducer=topk", "reducer.locations=[1,3]", "keep_rate=0.5"])
+    net = instantiate(cfg.module).net.eval()
+    assert isinstance(net.reducer, TopK) and net.keep_rate == 0.5
+    counts = []
+    hooks = [blk.norm2.register_forward_pre_hook(lambda m, a: counts.append(a[0].shape[1])) for blk in net.vit.blocks]
+    with torch.no_grad():
+        logits = net(torch.randn(2, 3, 32, 32))
+    assert logits.shape == (2, 10)
+    assert counts == [17, 1 + 8, 9, 1 + 4, 5, 5]        # tokens into each block's MLP: [CLS] + kept patches
+    assert [(type(s), s.block, s.kept.shape[1]) for s in net.selections] == [(KeptTokens, 1, 8), (KeptTokens, 3, 4)]
+    net.set_keep_rate(0.75)                             # schedules change it between batches
+    counts.clear()
+    with torch.no_grad():
+        net(torch.randn(2, 3, 32, 32))
+    assert counts == [17, 13, 13, 10, 10, 10]           # ceil(.75·16) = 12, ceil(.75·12) = 9
+    for h in hooks:
+        h.remove()
+
+
+@pytest.mark.parametrize("name", ["deit_tiny_patch16_224", "deit_tiny_distilled_patch16_224"])
+def test_equals_evit_without_fusion(name):
+    torch.manual_seed(0)
+    vit = timm.create_model(name, img_size=64, patch_size=8, depth=6).eval()
+    images = torch.randn(2, 3, 64, 64)
+    topk, evit = with_reducer(vit, TopK(0.6, locations=(1, 3))), with_reducer(vit, EViT(0.6, (1, 3), fuse_token=False))
+    with torch.no_grad():
+        assert torch.equal(topk(images), evit(images))
+    assert all(torch.equal(a.kept, b.kept) for a, b in zip(topk.selections, evit.selections))
+
+
+def test_bad_locations():
+    with pytest.raises(UserInputError, match=r"Top-K locations=\[3, 6\]: expected .* below its 6 blocks"):
+        with_reducer(timm.create_model("deit_tiny_patch16_224", depth=6), TopK(0.5, locations=(3, 6)))
