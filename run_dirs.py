@@ -14,6 +14,7 @@ as it was configured (README "Resume").
 """
 from __future__ import annotations
 
+import errno
 import glob
 import itertools
 import os
@@ -178,8 +179,8 @@ def run_changes(cfg: DictConfig, saved: DictConfig, saved_choices: Dict[str, Any
     new value, top-level node to take whole from ``cfg`` or None for the key alone); neutral keys
     are included (they are always applied), marked by the caller."""
     changes = []
-    last = {ov.key_or_group: ov for ov in OverridesParser.create().parse_overrides(list(overrides))}
-    for key in last:  # the last override of a key is the one Hydra applied
+    # Each key once: its last override is the one Hydra applied, and the one compared here.
+    for key in dict.fromkeys(ov.key_or_group for ov in OverridesParser.create().parse_overrides(list(overrides))):
         if key in choices:  # a config group choice (trainer=ddp)
             old, new = saved_choices.get(key, _ABSENT), choices.get(key)
             if _show(old) != _show(new):
@@ -302,12 +303,17 @@ def mark_finished(run_dir: str, global_step: int, epoch: int) -> None:
 
 
 def check_writable(directories: Dict[str, str]) -> None:
-    """Create each directory (path → what it holds) and write a probe file there, so that an unwritable
-    checkpoint or log directory stops the run before training rather than at the first save."""
+    """Stop (UserInputError) when a directory (path → what it holds) cannot be written, or created
+    where it does not exist yet, so that an unwritable checkpoint or log directory is found before
+    training rather than at the first save. Probes with a temporary file and creates nothing."""
     for folder, what in directories.items():
+        existing = os.path.abspath(folder)
+        while not os.path.exists(existing) and os.path.dirname(existing) != existing:
+            existing = os.path.dirname(existing)
         try:
-            os.makedirs(folder, exist_ok=True)
-            with tempfile.TemporaryFile(dir=folder):
+            if not os.path.isdir(existing):
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), existing)
+            with tempfile.TemporaryFile(dir=existing):
                 pass
         except OSError as exc:
             raise UserInputError(f"the {what} {folder} is not writable ({exc.strerror}); expected a directory this "
