@@ -14,7 +14,6 @@ import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 os.environ.setdefault("PROJECT_ROOT", ROOT)
 
 import torch  # noqa: E402
