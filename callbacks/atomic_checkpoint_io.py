@@ -7,7 +7,6 @@ truncated ``last.ckpt`` where a good one was. This plugin writes next to the tar
 """
 from __future__ import annotations
 
-import glob
 import os
 from typing import Any, Dict, Optional
 
@@ -15,27 +14,18 @@ import torch
 from lightning_fabric.utilities.types import _PATH
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
+from accel.atomic import atomic_path, leftovers
+
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """``torch.save`` into ``.<name>.tmp-<pid>`` in the checkpoint's own directory, ``fsync``, then
-    ``os.replace`` onto the final name (atomic on POSIX within one file system): readers and a
-    resumed run see the old checkpoint or the new one, never a mixture."""
+    """``torch.save`` into a hidden temporary in the checkpoint's own directory, ``fsync``, then
+    ``os.replace`` onto the final name (:func:`accel.atomic.atomic_path`): readers and a resumed run
+    see the old checkpoint or the new one, never a mixture."""
 
     def save_checkpoint(self, checkpoint: Dict[str, Any], path: _PATH, storage_options: Optional[Any] = None) -> None:
-        path = os.fspath(path)
-        folder, name = os.path.split(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        # A temporary file left by a process killed mid-write (SIGKILL) is garbage; only global rank 0
+        # A temporary left by a process killed mid-write (SIGKILL) is garbage; only global rank 0
         # writes a given checkpoint, so no other writer can own one.
-        for stale in glob.glob(os.path.join(folder, f".{glob.escape(name)}.tmp-*")):
+        for stale in leftovers(path):
             os.remove(stale)
-        tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}")
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
