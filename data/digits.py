@@ -3,14 +3,13 @@ and written once as a JPEG ImageFolder, so the framework trains on real images w
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 
 import numpy as np
 from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
+from accel.atomic import atomic_path
 from accel.errors import UserInputError
 from data.folder import ImageFolderDataModule
 
@@ -29,10 +28,7 @@ def write_digits_folder(root: str, image_size: int = 32, val_fraction: float = 0
     images = (digits.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
     idx_train, idx_val = train_test_split(np.arange(len(images)), test_size=val_fraction,
                                           stratify=digits.target, random_state=seed)
-    parent = os.path.dirname(os.path.abspath(root))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".digits-", dir=parent)
-    try:
+    with atomic_path(root, directory=True) as tmp:   # replaces an incomplete earlier attempt
         for split, indices in (("train", idx_train), ("val", idx_val)):
             for i in indices:
                 folder = os.path.join(tmp, split, str(digits.target[i]))
@@ -40,12 +36,6 @@ def write_digits_folder(root: str, image_size: int = 32, val_fraction: float = 0
                 img = Image.fromarray(images[i], mode="L").resize((image_size, image_size), Image.BICUBIC)
                 img.convert("RGB").save(os.path.join(folder, f"{i:04d}.jpg"), quality=95)
         open(os.path.join(tmp, "COMPLETE"), "w").close()
-        if os.path.isdir(root):  # an incomplete earlier attempt
-            shutil.rmtree(root)
-        os.replace(tmp, root)
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp)
     return root
 
 

@@ -6,7 +6,8 @@ processes and waits for a sample count, so an exception inside a worker hangs th
 here a file that cannot be decoded never raises in a worker; it is recorded and replaced by a
 placeholder, and the temporary file is then thrown away (``stop``) or written again without the
 bad files (``skip``). And the writer has no interruption handling: on any exception or Ctrl-C the
-workers are ended and the temporary file and shared memory are removed here.
+workers are ended and the shared memory freed here, and :func:`accel.atomic.atomic_path` removes
+the temporary file.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from PIL import Image
 from torchvision.datasets import ImageFolder
 
+from accel.atomic import atomic_path
 from accel.errors import UserInputError
 from data.checked_folder import load_rgb
 from data.ffcv_install import require_ffcv
@@ -85,12 +87,6 @@ class _Source:
         return image, label
 
 
-def temporary_path(path: str) -> str:
-    """The in-progress file: same directory (so the final rename is atomic), hidden, per process."""
-    folder, name = os.path.split(os.path.abspath(path))
-    return os.path.join(folder, f".{name}.partial-{os.getpid()}")
-
-
 def check_outputs(paths: Sequence[str], force: bool) -> None:
     """Refuse before anything is read or written if a target exists and ``force`` is off."""
     for path in paths:
@@ -99,13 +95,6 @@ def check_outputs(paths: Sequence[str], force: bool) -> None:
         folder = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(folder):
             raise UserInputError(f"The output folder {folder} does not exist; create it first.")
-
-
-def _remove(path: str) -> None:
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass
 
 
 def _end_writer(writer, workers) -> None:
@@ -161,7 +150,6 @@ def write_split(folder: str, out_path: str, options: ImageFieldOptions, num_work
         raise UserInputError(f"{folder} has class folders {found.classes[:3]}… that differ from the first split's "
                              f"{class_names[:3]}…; expected the same class names in every split.")
     samples = list(found.samples)
-    tmp = temporary_path(out_path)
     # The manager's process holds the list of bad files (it ignores Ctrl-C, so cleanup can still use it).
     manager = multiprocessing.Manager()
     bad = manager.list()
@@ -184,32 +172,30 @@ def write_split(folder: str, out_path: str, options: ImageFieldOptions, num_work
 
     previous = signal.signal(signal.SIGUSR1, corrupt_seen) if early_stop else None
     try:
-        while True:
-            try:
-                writing[0] = True
-                _write_once(tmp, source, indices, options, num_workers)
-                writing[0] = False
-            except _CorruptImageSeen:
-                pass   # the bad file is in `bad`; reported below
-            finally:
-                writing[0] = False
-            if not bad:
-                break
-            _remove(tmp)
-            if stop:
-                _, path, reason = bad[0]
-                raise UserInputError(f"Image {path} could not be decoded ({reason}); remove or replace it, "
-                                     "or pass --on-corrupt skip to leave such files out.")
-            # skip: write again without them (a bad file costs one more pass, a clean set none).
-            skipped.update({i: (p, r) for i, p, r in bad})
-            del bad[:]
-            indices = [i for i in indices if i not in skipped]
-            if not indices:
-                raise UserInputError(f"No image under {folder} could be decoded; nothing was written.")
-        os.replace(tmp, out_path)
+        with atomic_path(out_path) as tmp:
+            while True:
+                try:
+                    writing[0] = True
+                    _write_once(tmp, source, indices, options, num_workers)
+                    writing[0] = False
+                except _CorruptImageSeen:
+                    pass   # the bad file is in `bad`; reported below
+                finally:
+                    writing[0] = False
+                if not bad:
+                    break
+                if stop:
+                    _, path, reason = bad[0]
+                    raise UserInputError(f"Image {path} could not be decoded ({reason}); remove or replace it, "
+                                         "or pass --on-corrupt skip to leave such files out.")
+                # skip: write again without them (a bad file costs one more pass, a clean set none).
+                skipped.update({i: (p, r) for i, p, r in bad})
+                del bad[:]
+                indices = [i for i in indices if i not in skipped]
+                if not indices:
+                    raise UserInputError(f"No image under {folder} could be decoded; nothing was written.")
     finally:
         if early_stop:
             signal.signal(signal.SIGUSR1, previous)
-        _remove(tmp)
         manager.shutdown()
     return SplitReport(out_path, len(indices), found.classes, [skipped[i] for i in sorted(skipped)])

@@ -37,6 +37,16 @@ def test_digits_written_once_as_stratified_jpeg_folder(tmp_path):
     assert os.path.getmtime(os.path.join(root, "COMPLETE")) == stamp, "an existing set is not rewritten"
 
 
+
+def test_digits_replace_an_incomplete_folder_and_leave_no_temporary(tmp_path):
+    root = tmp_path / "d"
+    (root / "train" / "3").mkdir(parents=True)
+    (root / "train" / "3" / "half.jpg").write_bytes(b"")   # an interrupted copy, no COMPLETE marker
+    write_digits_folder(str(root), image_size=8)
+    assert not (root / "train" / "3" / "half.jpg").exists() and (root / "COMPLETE").is_file()
+    assert sum(len(os.listdir(root / "train" / c)) for c in os.listdir(root / "train")) == 1437
+    assert os.listdir(tmp_path) == ["d"]
+
 def test_digits_module_batches(tmp_path):
     dm = DigitsDataModule(str(tmp_path), image_size=32, batch_size=16, num_workers=0)
     dm.setup("fit")

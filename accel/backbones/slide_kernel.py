@@ -15,13 +15,14 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
 
 import torch
+
+from accel.atomic import atomic_path
 
 SOURCE = Path(__file__).with_name("slide_kernel.c")
 # Reassociation lets the compiler vectorise the per-slot dot products; results stay within 1e-5.
@@ -49,16 +50,10 @@ def _build(compiler: str) -> Path:
     target = _cache_dir() / f"slide_kernel-{key}.so"
     if target.exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
+    # Concurrent builders each compile into their own temporary; none sees a half-written library.
+    with atomic_path(target) as tmp:
         subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], check=True,
                        capture_output=True, text=True)
-        os.replace(tmp, target)   # atomic: concurrent builders never see a half-written library
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return target
 
 
