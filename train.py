@@ -4,7 +4,6 @@ Hydra composes conf/train.yaml with the overrides; pipeline.run does the work.""
 import logging
 import os
 import sys
-import traceback
 import warnings
 
 import hydra
@@ -13,7 +12,7 @@ from omegaconf import DictConfig
 os.environ.setdefault("PROJECT_ROOT", os.path.dirname(os.path.abspath(__file__)))
 CONF_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf")
 
-from accel.errors import UserInputError, one_line, stop  # noqa: E402
+from accel.errors import run_cli  # noqa: E402
 from pipeline import check_plugins, optimized_metric, run  # noqa: E402
 
 
@@ -27,14 +26,8 @@ def to_log_files(text: str) -> None:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train.yaml")
 def main(cfg: DictConfig):
-    try:
-        return optimized_metric(cfg, run(cfg))
-    except UserInputError as exc:
-        to_log_files(f"error: {one_line(exc)}")
-        stop(exc)
-    except Exception:
-        to_log_files(traceback.format_exc())
-        raise
+    # Inside the Hydra task: Hydra would print an escaping exception with its own traceback.
+    return run_cli(lambda: optimized_metric(cfg, run(cfg)), log=to_log_files)
 
 
 if __name__ == "__main__":
@@ -42,8 +35,5 @@ if __name__ == "__main__":
     # against those (wanted: typos fail) and warns that this matching is deprecated; both files set every
     # field themselves, so they stay valid when Hydra drops it.
     warnings.filterwarnings("ignore", message=r"(?s).*is validated against ConfigStore schema with the same name")
-    try:
-        check_plugins(sys.argv[1:], CONF_DIR)  # before Hydra, which cannot name the missing package
-    except UserInputError as exc:
-        stop(exc)
+    run_cli(lambda: check_plugins(sys.argv[1:], CONF_DIR))  # before Hydra, which cannot name the missing package
     main()

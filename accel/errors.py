@@ -1,5 +1,8 @@
 """The one exception type for mistakes a user can make (bad paths, values, checkpoints)."""
-from typing import NoReturn
+import traceback
+from typing import Callable, NoReturn, Optional, TypeVar
+
+T = TypeVar("T")
 
 
 class UserInputError(ValueError):
@@ -24,10 +27,18 @@ def stop(exc: UserInputError) -> NoReturn:
     sys.exit(2)
 
 
-def run_cli(main) -> None:
-    """Run a command-line entry point: a UserInputError ends it with ``error: <sentence>`` on
-    stderr and exit code 2, without a traceback."""
+def run_cli(main: Callable[[], T], log: Optional[Callable[[str], None]] = None) -> T:
+    """Run a command-line entry point and return what it returns: a UserInputError ends it with
+    ``error: <sentence>`` on stderr and exit code 2, without a traceback. ``log``, when given, also
+    receives that line, or the traceback of any other exception (which then propagates), so a log
+    file says why its run stopped."""
     try:
-        main()
+        return main()
     except UserInputError as exc:
+        if log is not None:
+            log(f"error: {one_line(exc)}")
         stop(exc)
+    except Exception:
+        if log is not None:
+            log(traceback.format_exc())
+        raise

@@ -22,6 +22,25 @@ def assert_one_sentence(proc, *fragments):
         assert f in err[-1]
 
 
+def test_run_cli_returns_logs_the_sentence_and_exits_2_or_logs_the_traceback_and_raises(capsys):
+    from accel.errors import UserInputError, run_cli
+    logged = []
+    assert run_cli(lambda: 0.75, log=logged.append) == 0.75 and logged == []
+
+    def bad_input():
+        raise UserInputError("keep_rate=2 is outside (0, 1].")
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(bad_input, log=logged.append)
+    assert exit_.value.code == 2 and logged == ["error: keep_rate=2 is outside (0, 1]."]
+    assert capsys.readouterr().err == "error: keep_rate=2 is outside (0, 1].\n"
+
+    def bug():
+        raise ZeroDivisionError("boom")
+    with pytest.raises(ZeroDivisionError):
+        run_cli(bug, log=logged.append)
+    assert logged[-1].startswith("Traceback") and logged[-1].rstrip().endswith("ZeroDivisionError: boom")
+
+
 @pytest.mark.parametrize("value", ["0", "1.5", "-0.2"])
 def test_keep_rate_outside_unit_interval(tmp_path, value):
     proc = run_train([f"keep_rate={value}", *OUT(tmp_path)])
