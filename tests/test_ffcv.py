@@ -247,12 +247,12 @@ def test_train_py_ddp_sim_over_ffcv_sees_disjoint_samples(tmp_path):
     assert metrics, os.listdir(tmp_path / "run")
     with open(metrics[0]) as f:
         logged = {k for row in csv.DictReader(f) for k, v in row.items() if v}
-    assert {"train/loss_epoch", "val/acc1", "test/acc1"} <= logged
+    assert {"train/loss_epoch", "val/acc1", "best/val_acc1"} <= logged
 
 
 def test_many_corrupt_files_stop_cleanly_in_process(tmp_path):
     """Several workers reporting bad files at once: one sentence, no file, no worker left running
-    (a second report used to interrupt the clean-up of the first)."""
+    (a second report must not interrupt the clean-up of the first)."""
     root = tmp_path / "train"
     for c in ("a", "b"):
         (root / c).mkdir(parents=True)

@@ -27,7 +27,7 @@ class Selection:
     grid: Tuple[int, int]
 
     def __getitem__(self, name: str):
-        # Read access by field name (``s["kept"]``), for code written against the earlier dict records.
+        # Read access by field name (``s["kept"]``): a selection also reads as a mapping of its fields.
         return getattr(self, name)
 
 
