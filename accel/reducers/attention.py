@@ -45,7 +45,8 @@ def attention(attn: Attention, x: torch.Tensor, bias: Optional[torch.Tensor] = N
     if explicit:
         logits = (q * attn.scale) @ k.transpose(-2, -1)
         probs = attn.attn_drop((logits if bias is None else logits + bias).softmax(dim=-1))
-        out = attn.proj_drop(attn.proj(attn.norm((probs @ v).transpose(1, 2).reshape(B, N, H * D))))
+        # A float32 bias (ToMe's log-size) promotes the probabilities; the product is in v's dtype.
+        out = attn.proj_drop(attn.proj(attn.norm((probs.to(v.dtype) @ v).transpose(1, 2).reshape(B, N, H * D))))
         return AttnOut(out, probs[:, :, 0] if cls_row else None, k.mean(1) if mean_keys else None)
     drop = attn.attn_drop.p if attn.training else 0.0
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype), dropout_p=drop)

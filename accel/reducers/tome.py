@@ -190,9 +190,11 @@ class ToMe(TokenReducer):
             plan = bipartite_soft_matching(a.keys, r, protect_cls=state["num_prefix"] >= 1,
                                            protect_dist=state["num_prefix"] >= 2)
             if size is None:
-                size = torch.ones_like(x[..., :1])
+                # Token counts in float32 whatever the activations' dtype: bfloat16 holds integers
+                # exactly only up to 256, and a merged token can hold more input tokens than that.
+                size = x.new_ones(x.shape[0], x.shape[1], 1, dtype=torch.float32)
             merged_size = merge(size, plan)
-            x = merge(x * size, plan) / merged_size          # size-weighted average
+            x = (merge(x * size, plan) / merged_size).to(x.dtype)  # size-weighted average
             state["size"] = size = merged_size
             if self.trace_source:
                 state["source"] = merge(state["source"], plan, mode="amax")

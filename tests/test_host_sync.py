@@ -1,0 +1,114 @@
+"""No host synchronisation in a training step of any token-reducing network.
+
+On a GPU a value read back to the host (``.item()``, ``bool(t)``, ``int(t)``, ``.tolist()``,
+``.cpu()``) or an op whose output shape depends on tensor values (``nonzero``, boolean-mask
+indexing, ``unique``) stalls the CPU until the GPU has caught up, which starves the launch queue.
+On the CPU these calls are found by recording them: the ops through a dispatch mode (every scalar
+read-back is ``aten._local_scalar_dense``), the Python-side copies by wrapping the Tensor methods.
+On CUDA, ``test_cuda.py`` runs the same step under ``torch.cuda.set_sync_debug_mode("error")``.
+"""
+from __future__ import annotations
+
+import contextlib
+import traceback
+from typing import Iterator, List
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from small_nets import NAMES, build, images, loss_of
+
+aten = torch.ops.aten
+# Ops that read a value back (scalar read-back, equality as a Python bool) or whose output size
+# depends on the data, so that the host must wait for it.
+SYNC_OPS = {aten._local_scalar_dense.default, aten.equal.default, aten.nonzero.default, aten.masked_select.default,
+            aten._unique2.default, aten.unique_consecutive.default, aten.unique_dim.default,
+            aten.repeat_interleave.Tensor, aten.bincount.default}
+COPIES = ("cpu", "numpy", "tolist")  # .item() is seen as aten._local_scalar_dense
+
+
+def _where() -> str:
+    """The innermost frame outside torch, timm and this recorder that made the call."""
+    frames = [f for f in traceback.extract_stack() if "site-packages" not in f.filename and f.filename != __file__]
+    return f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?"
+
+
+class _SyncRecorder(TorchDispatchMode):
+    def __init__(self, events: List[str]) -> None:
+        super().__init__()
+        self.events = events
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in SYNC_OPS:
+            self.events.append(f"{func} at {_where()}")
+        elif func in (aten.index.Tensor, aten.index_put.default, aten.index_put_.default):
+            if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] if i is not None):
+                self.events.append(f"boolean-mask indexing at {_where()}")
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def record_syncs() -> Iterator[List[str]]:
+    """Collect, as 'what at file:line', every host synchronisation made inside the block."""
+    events: List[str] = []
+    originals = {name: getattr(torch.Tensor, name) for name in COPIES}
+
+    def wrap(name, original):
+        def recorded(self, *args, **kwargs):
+            events.append(f"Tensor.{name}() at {_where()}")
+            return original(self, *args, **kwargs)
+        return recorded
+
+    for name, original in originals.items():
+        setattr(torch.Tensor, name, wrap(name, original))
+    try:
+        with _SyncRecorder(events):
+            yield events
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+
+
+def test_the_recorder_sees_each_kind_of_sync():
+    x = torch.randn(4, 3)
+    with record_syncs() as events:
+        x.sum().item()
+        bool(x.max() > 0)
+        int(x.argmax())
+        x.tolist()
+        x[x > 0]
+        x.nonzero()
+    assert len(events) == 6, events
+
+
+def train_step(net, x, y) -> None:
+    loss_of(net(x), y).backward()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_training_step_has_no_host_sync(name):
+    net = build(name).train()
+    x, y = images(4), torch.arange(4) % 10
+    train_step(net, x, y)  # first step outside: lazy initialisation is not a per-step cost
+    with record_syncs() as events:
+        train_step(net, x, y)
+    assert events == []
+
+
+@pytest.mark.parametrize("name", ["evo", "evo_levit"])
+def test_stage_wise_training_step_has_no_host_sync(name):
+    net = build(name).train()
+    net.set_layerwise(False)  # Evo-ViT's later epochs: selection once per stage
+    with record_syncs() as events:
+        train_step(net, images(4), torch.arange(4) % 10)
+    assert events == []
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_inference_has_no_host_sync(name):
+    net = build(name).eval()
+    with torch.no_grad(), record_syncs() as events:
+        net(images(2))
+    assert events == []
