@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import pytorch_lightning as pl
 import torch
@@ -23,7 +23,22 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from accel.backbones.reduced_vit import ReducedViT
 from accel.errors import UserInputError
+from accel.heads import Distillable, Heads
 from accel.reducers.base import TokenReducer
+from accel.reducers.protocol import TokenReducingNet
+from accel.reducers.selection import Selection
+
+#: ``loss(heads, teacher_logits, targets, criterion)`` → (total loss, named parts to log).
+DistillationLoss = Callable[[Heads, torch.Tensor, torch.Tensor, nn.Module], Tuple[torch.Tensor, Dict[str, torch.Tensor]]]
+
+
+class Teacher(NamedTuple):
+    """A registered teacher and its loss. Not an ``nn.Module``: the teacher is never trained, saved
+    in the checkpoint or synchronised by DDP (each process keeps its own frozen copy), and follows
+    the student's device at each step."""
+
+    model: nn.Module
+    loss: DistillationLoss
 
 
 class ImageClassifier(pl.LightningModule):
@@ -33,9 +48,13 @@ class ImageClassifier(pl.LightningModule):
     called with ``(net, lr=scaled_lr)``; the scheduler with ``(optimizer, t_initial=total_steps,
     warmup_t=warmup_steps)`` and is stepped every iteration.
 
-    The module owns the network and its EMA copy. Callbacks change what the network does only
-    through ``set_keep_rate`` / ``keep_rate`` and ``set_layerwise`` / ``layerwise``, which act on
-    both, so the EMA is evaluated at the live network's keep rate and selection mode.
+    The module owns the network and its EMA copy. Callbacks talk to it through named methods only:
+    ``set_keep_rate`` / ``keep_rate`` and ``set_layerwise`` / ``layerwise`` act on both networks, so
+    the EMA is evaluated at the live network's keep rate and selection mode; ``selections`` and
+    ``set_tracing`` serve pictures; ``set_distillation`` registers a teacher.
+
+    Training heads are read as ``accel.heads.Heads`` (``Heads.of`` adapts timm's distilled models);
+    the loss is the mean of the criterion over the heads, or the registered distillation loss.
     """
 
     def __init__(
@@ -80,8 +99,8 @@ class ImageClassifier(pl.LightningModule):
         })
         self._epoch_start = 0.0
         self._epoch_images = 0
-        # Set by callbacks.distillation.Distillation: the teacher and DeiT's distillation loss.
-        self.distillation = None
+        #: The teacher and its loss while distilling (``set_distillation``); None otherwise.
+        self.distillation: Optional[Teacher] = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -92,14 +111,24 @@ class ImageClassifier(pl.LightningModule):
         return [self.net] if self.ema is None else [self.net, self.ema.module]
 
     @property
+    def num_parameters(self) -> int:
+        """Parameters of the network (its EMA copy, a shadow of the same weights, is not counted)."""
+        return sum(p.numel() for p in self.net.parameters())
+
+    @property
+    def reduces_tokens(self) -> bool:
+        """Whether the network is a token-reducing one (``accel.reducers.protocol.TokenReducingNet``)."""
+        return isinstance(self.net, TokenReducingNet)
+
+    @property
     def keep_rate(self) -> Optional[float]:
         """The network's keep rate (EViT, Evo-ViT, ToMe, Evo-LeViT); None if it reduces no tokens."""
-        return getattr(self.net, "keep_rate", None)
+        return self.net.keep_rate if self.reduces_tokens else None
 
     def set_keep_rate(self, keep_rate: float) -> None:
         """Set the keep rate of the network and of its EMA copy (a reducer that cannot follow
         ``keep_rate``, such as ToMe with an explicit r, refuses in one sentence)."""
-        if self.keep_rate is None:
+        if not self.reduces_tokens:
             raise UserInputError(f"Setting keep_rate={keep_rate} needs a token reducer (reducer=evit|evo|tome, or an "
                                  f"Evo-LeViT model); {type(self.net).__name__} has none.")
         for net in self._networks():
@@ -109,34 +138,74 @@ class ImageClassifier(pl.LightningModule):
     def layerwise(self) -> Optional[bool]:
         """Evo-ViT's selection mode in training (Sec. 3.4): True layer-wise, False stage-wise; None
         for a network without one."""
-        return getattr(self.net, "layerwise", None)
+        return self.net.layerwise if self.reduces_tokens else None
 
     def set_layerwise(self, enable: bool) -> None:
         """Switch Evo-ViT's (or Evo-LeViT's) selection mode of the network and of its EMA copy."""
-        if not hasattr(self.net, "set_layerwise"):
+        if self.layerwise is None:
             raise UserInputError(f"{type(self.net).__name__} has no layer-wise/stage-wise selection mode; expected "
                                  "Evo-ViT (reducer=evo) or an Evo-LeViT model.")
         for net in self._networks():
             net.set_layerwise(enable)
 
+    @property
+    def selections(self) -> List[Selection]:
+        """What the network's last forward (``self(x)``) kept, fused or merged, one typed record per
+        reducing block (``accel.reducers.selection``); empty for a network that reduces no tokens."""
+        return self.net.selections if self.reduces_tokens else []
+
+    @property
+    def tracing(self) -> bool:
+        """Whether ``selections`` record what only pictures need (see ``set_tracing``)."""
+        return self.net.tracing if self.reduces_tokens else False
+
+    def set_tracing(self, enable: bool) -> None:
+        """Record in ``selections`` also what only pictures need (ToMe's merge sources), for the
+        forwards of ``self(x)``; nothing to record for a network that reduces no tokens."""
+        if self.reduces_tokens:
+            self.net.set_tracing(enable)
+
+    # --- distillation -------------------------------------------------------------------------
+    def set_distillation(self, teacher: Optional[nn.Module], loss: Optional[DistillationLoss] = None) -> None:
+        """Train against ``teacher`` with ``loss(heads, teacher_logits, targets, criterion)``, the
+        network returning its distillation head apart (``Heads.dist``); ``None`` stops distilling.
+
+        The teacher is kept frozen and in eval mode, outside the module's parameters and state dict."""
+        if teacher is None:
+            if self.distillation is not None:
+                for net in self._networks():
+                    net.set_distilled_training(False)
+            self.distillation = None
+            return
+        if loss is None:
+            raise ValueError("set_distillation needs the distillation loss with the teacher.")
+        if not isinstance(self.net, Distillable):
+            raise UserInputError(f"Distillation needs a student with a distillation head, but {type(self.net).__name__} "
+                                 "has none; use a distilled model (e.g. model=deit_s_distilled).")
+        for net in self._networks():
+            net.set_distilled_training(True)
+        self.distillation = Teacher(teacher.requires_grad_(False).eval(), loss)
+
     # --- training ---------------------------------------------------------------------------
     def loss(self, outputs, targets: torch.Tensor) -> torch.Tensor:
-        """Criterion on the logits; a model with several training heads (Evo-ViT's auxiliary
-        [CLS] head) gets the mean of the per-head losses."""
-        if isinstance(outputs, (tuple, list)):
-            return sum(self.criterion(o, targets) for o in outputs) / len(outputs)
-        return self.criterion(outputs, targets)
+        """Criterion on a training forward's heads (``Heads``, or what ``Heads.of`` reads): the mean
+        of the per-head losses (Evo-ViT's auxiliary [CLS] head: 0.5/0.5)."""
+        heads = Heads.of(outputs).tensors()
+        return sum(self.criterion(h, targets) for h in heads) / len(heads)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, targets = batch
         if self.mixup is not None:
             images, targets = self.mixup(images, targets)
-        outputs = self.net(images)
+        heads = Heads.of(self.net(images))
         if self.distillation is not None:
-            loss, parts = self.distillation.loss(images, outputs, targets, self.criterion)
+            teacher = self.distillation.model.to(images.device)
+            with torch.no_grad():
+                teacher_logits = teacher(images).float()
+            loss, parts = self.distillation.loss(heads, teacher_logits, targets, self.criterion)
             self.log_dict(parts, on_step=True, on_epoch=True, batch_size=images.shape[0])
         else:
-            loss = self.loss(outputs, targets)
+            loss = self.loss(heads, targets)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"Loss is {loss.item()} at step {self.global_step}; lower the learning rate "
                                      "or enable gradient clipping (trainer.gradient_clip_val).")

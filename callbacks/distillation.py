@@ -15,6 +15,7 @@ from torch import nn
 
 from accel.checkpoint import load_into
 from accel.errors import UserInputError
+from accel.heads import Heads
 
 TYPES = ("hard", "soft")
 
@@ -45,52 +46,52 @@ def build_teacher(name: str, num_classes: int, path: Optional[str]) -> nn.Module
     return teacher.eval()
 
 
-class Distillation(pl.Callback):
-    """Attach a teacher and DeiT's distillation loss to an ImageClassifier whose network has a
-    distillation head (timm's distilled DeiT; LeViT's ``head_dist``)."""
+class DeiTDistillationLoss:
+    """DeiT's DistillationLoss on a student's training heads: ``α`` × distillation + (1 − α) × the
+    usual loss on the class head, averaged over the (class, distillation) head pairs — one for DeiT
+    and LeViT, two for Evo-LeViT with its auxiliary [CLS] heads (Evo-ViT levit/losses_levit.py,
+    type 'cls')."""
 
-    def __init__(self, teacher: str = "regnety_160", teacher_path: Optional[str] = None, kind: str = "hard",
-                 alpha: float = 0.5, tau: float = 1.0, teacher_module: Optional[nn.Module] = None) -> None:
+    def __init__(self, kind: str = "hard", alpha: float = 0.5, tau: float = 1.0) -> None:
         if kind not in TYPES:
             raise UserInputError(f"Distillation kind={kind!r} is unknown; expected one of {TYPES}.")
         if not 0.0 <= alpha <= 1.0 or tau <= 0:
             raise UserInputError(f"Distillation alpha={alpha}, tau={tau}: expected 0 ≤ alpha ≤ 1 and tau > 0.")
-        self.teacher_name, self.teacher_path = teacher, teacher_path
         self.kind, self.alpha, self.tau = kind, float(alpha), float(tau)
-        self.teacher = teacher_module
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
-        net = pl_module.net
-        vit = getattr(net, "vit", net)
-        if not hasattr(vit, "head_dist") or not hasattr(net, "set_distilled_training"):
-            raise UserInputError(f"Distillation needs a student with a distillation head, but {type(vit).__name__} "
-                                 "has none; use a distilled model (e.g. model=deit_s_distilled).")
-        net.set_distilled_training(True)
-        if self.teacher is None:
-            self.teacher = build_teacher(self.teacher_name, pl_module.hparams.num_classes, self.teacher_path)
-        self.teacher = self.teacher.to(pl_module.device).eval()
-        pl_module.distillation = self
-
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        pl_module.distillation = None
-
-    def loss(self, images: torch.Tensor, outputs, targets: torch.Tensor, criterion: nn.Module) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        """Total loss and its parts for one training batch (called by the module)."""
-        if not isinstance(outputs, (tuple, list)) or len(outputs) not in (2, 4):
-            raise UserInputError("The student returned one output in training; expected (class, distillation) "
-                                 "logits from a distilled model in distilled-training mode.")
-        self.teacher.to(images.device)
-        with torch.no_grad():
-            teacher_logits = self.teacher(images).float()
-        # Evo-LeViT adds auxiliary [CLS] (class, distillation) heads; its loss (Evo-ViT
-        # levit/losses_levit.py, type 'cls') is the mean over the two pairs.
-        pairs = [outputs[i:i + 2] for i in range(0, len(outputs), 2)]
+    def __call__(self, heads: Heads, teacher_logits: torch.Tensor, targets: torch.Tensor,
+                 criterion: nn.Module) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """Total loss and its parts (``train/loss_base``, ``train/loss_distill``) for one batch."""
+        if heads.dist is None:
+            raise UserInputError("The student returned no distillation head in training; expected a distilled model "
+                                 "in distilled-training mode.")
         parts = []
-        for cls_logits, dist_logits in pairs:
+        for cls_logits, dist_logits in heads.pairs():
             base = criterion(cls_logits, targets)
             parts.append((base, *distillation_loss(cls_logits, dist_logits, teacher_logits, base, self.kind,
                                                    self.alpha, self.tau)))
         base, total, distill = (sum(p[i] for p in parts) / len(parts) for i in range(3))
         return total, {"train/loss_base": base.detach(), "train/loss_distill": distill.detach()}
+
+
+class Distillation(pl.Callback):
+    """Register a teacher and DeiT's distillation loss with an ImageClassifier whose network has a
+    distillation head (timm's distilled DeiT; LeViT's ``head_dist``; Evo-LeViT), through
+    ``pl_module.set_distillation`` for fitting."""
+
+    def __init__(self, teacher: str = "regnety_160", teacher_path: Optional[str] = None, kind: str = "hard",
+                 alpha: float = 0.5, tau: float = 1.0, teacher_module: Optional[nn.Module] = None) -> None:
+        self.loss = DeiTDistillationLoss(kind, alpha, tau)
+        self.teacher_name, self.teacher_path = teacher, teacher_path
+        self.teacher = teacher_module
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if self.teacher is None:
+            self.teacher = build_teacher(self.teacher_name, pl_module.hparams.num_classes, self.teacher_path)
+        pl_module.set_distillation(self.teacher, self.loss)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            pl_module.set_distillation(None)

@@ -13,10 +13,9 @@ class ModelStats(pl.Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         size = getattr(trainer.datamodule, "image_size", None)
-        net = pl_module.net
-        stats = {"model/params_M": sum(p.numel() for p in net.parameters()) / 1e6}
+        stats = {"model/params_M": pl_module.num_parameters / 1e6}
         if size:
             image = torch.zeros(1, 3, size, size, device=pl_module.device)
-            stats["model/gmacs"] = count_flops(net, image) / 2e9
+            stats["model/gmacs"] = count_flops(pl_module, image) / 2e9  # the module's forward is the network's
         for lg in trainer.loggers:
             lg.log_metrics(stats, step=0)

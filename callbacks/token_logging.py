@@ -12,8 +12,7 @@ import torch
 from PIL import Image
 from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
 
-from accel.reducers.protocol import TokenReducingNet
-from accel.visualize import render
+from accel.visualize import denormalize, grid_image, panels
 
 
 class TokenSelectionLogger(pl.Callback):
@@ -35,20 +34,28 @@ class TokenSelectionLogger(pl.Callback):
         return self.images
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        net = pl_module.net
-        if trainer.sanity_checking or not isinstance(net, TokenReducingNet) or not trainer.is_global_zero:
+        if trainer.sanity_checking or not pl_module.reduces_tokens or not trainer.is_global_zero:
             return
         if (trainer.current_epoch + 1) % self.every_n_epochs:
             return
         hp = getattr(trainer.datamodule, "hparams", {})
         mean, std = hp.get("mean", (0.485, 0.456, 0.406)), hp.get("std", (0.229, 0.224, 0.225))
-        picture = render(net, self._fixed_images(trainer).to(pl_module.device), mean, std)
+        images = self._fixed_images(trainer).to(pl_module.device)
+        # The validation loop's eval mode and no-grad hold here; trace only this forward.
+        was_tracing = pl_module.tracing
+        pl_module.set_tracing(True)
+        try:
+            pl_module(images)
+            selections = pl_module.selections
+        finally:
+            pl_module.set_tracing(was_tracing)
+        picture = grid_image(panels(denormalize(images, mean, std), selections))
         key = f"{self.dirname}/epoch_{trainer.current_epoch:03d}"
         logged = False
         for lg in trainer.loggers:
             if isinstance(lg, WandbLogger):
                 lg.log_image(key=self.dirname, images=[picture], step=trainer.global_step,
-                             caption=[f"epoch {trainer.current_epoch}, keep rate {net.keep_rate:g}"])
+                             caption=[f"epoch {trainer.current_epoch}, keep rate {pl_module.keep_rate:g}"])
                 logged = True
             elif isinstance(lg, TensorBoardLogger):
                 lg.experiment.add_image(self.dirname, picture, trainer.global_step, dataformats="HWC")

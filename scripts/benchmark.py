@@ -44,6 +44,8 @@ from accel.backbones.levit import fuse_levit  # noqa: E402
 from accel.backbones.slide_swin import reparameterize_slide  # noqa: E402
 from accel.cpu_inference import pack_for_cpu_inference  # noqa: E402
 from accel.flops import count_flops  # noqa: E402
+from accel.heads import Heads  # noqa: E402
+from accel.reducers.protocol import TokenReducingNet  # noqa: E402
 from pipeline import instantiate  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -87,17 +89,19 @@ def build(overrides: List[str], args) -> Entry:
     flags = [o for o in overrides if o in FLAGS]
     cfg = compose_cfg(["data=synthetic", *sized, *[o for o in overrides if o not in FLAGS], *args.model_args.split()])
     net = instantiate(cfg.module).net
-    reducer = getattr(net, "reducer", None)
-    method = type(reducer).__name__ if reducer is not None else "timm"
-    if getattr(reducer, "explicit_attention", False):
+    # The method is the configured reducer's class; its settings are read from the config, the keep
+    # rate from the built network (TokenReducingNet), where a model's own defaults are applied.
+    reducer = cfg.get("reducer") or {}
+    method = reducer["_target_"].rsplit(".", 1)[-1] if reducer else "timm"
+    if reducer.get("explicit_attention", False):
         method += " explicit-attention"
     label = " ".join(overrides)
     if method == "timm" and "levit" in label:
         method = "Evo-LeViT" if "evo_levit" in label else "LeViT"
     entry = Entry(label, [o for o in overrides if o not in FLAGS], net, " ".join([method, *flags]),
-                  getattr(reducer if reducer is not None else net, "keep_rate", 1.0))
+                  net.keep_rate if isinstance(net, TokenReducingNet) else 1.0)
     entry.flags = flags
-    r = getattr(reducer, "r", None)
+    r = reducer.get("r")
     entry.point = f"r={r}" if r is not None else f"{entry.keep_rate:g}"
     return entry
 
@@ -152,9 +156,8 @@ def time_inference(entry: Entry, x: torch.Tensor, args) -> float:
 def train_step(entry: Entry, x: torch.Tensor, y: torch.Tensor, args) -> None:
     entry.net.train()
     with autocast(args):
-        out = entry.net(x)
-        outs = out if isinstance(out, tuple) else (out,)
-        loss = sum(F.cross_entropy(o.float(), y) for o in outs)
+        heads = Heads.of(entry.net(x)).tensors()
+        loss = sum(F.cross_entropy(h.float(), y) for h in heads)
     loss.backward()
     entry.optimizer.step()
     entry.optimizer.zero_grad(set_to_none=True)

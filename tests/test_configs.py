@@ -8,6 +8,7 @@ from pytorch_lightning.accelerators import CPUAccelerator
 from pytorch_lightning.plugins.layer_sync import TorchSyncBatchNorm
 from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy
 
+from accel.heads import Heads
 from callbacks.atomic_checkpoint_io import AtomicCheckpointIO
 from conftest import CONF, make_cfg, write_jpeg_folder
 from pipeline import build, instantiate_list
@@ -31,8 +32,7 @@ def test_every_model_config_builds_a_classifier(tmp_path, model):
         out = module(torch.randn(2, 3, size, size))
     assert out.shape == (2, cfg.data.num_classes)
     train_out = module.train()(torch.randn(2, 3, size, size))   # a training step's forward and backward
-    outputs = train_out if isinstance(train_out, tuple) else (train_out,)
-    sum(o.float().mean() for o in outputs).backward()
+    sum(h.float().mean() for h in Heads.of(train_out).tensors()).backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
 
 

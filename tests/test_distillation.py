@@ -1,11 +1,14 @@
-"""DeiT distillation: hard and soft losses by hand, training a distilled DeiT with EViT, bad input."""
+"""DeiT distillation: hard and soft losses by hand, the teacher registered with the module (outside
+its parameters and checkpoint), training a distilled DeiT with EViT, bad input."""
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from accel.errors import UserInputError
-from callbacks.distillation import build_teacher, distillation_loss
+from accel.heads import Heads
+from callbacks.distillation import DeiTDistillationLoss, build_teacher, distillation_loss
 from conftest import FAST, make_cfg
 from pipeline import run
 
@@ -35,6 +38,51 @@ def test_soft_distillation_by_hand():
     assert total == pytest.approx(0.75 * 1.3 + 0.25 * float(expected_part), rel=1e-5)
 
 
+def tiny_student(**kw):
+    from module import ImageClassifier
+    torch.manual_seed(0)
+    backbone = timm.create_model("deit_tiny_distilled_patch16_224", img_size=32, patch_size=8, depth=1,
+                                 embed_dim=32, num_heads=2, num_classes=3)
+    return ImageClassifier(backbone, num_classes=3, smoothing=0.0, **kw)
+
+
+def test_registered_teacher_drives_the_loss_and_stays_out_of_parameters_and_checkpoint():
+    module = tiny_student(ema_decay=0.9)
+    keys, params = set(module.state_dict()), [id(p) for p in module.parameters()]
+    teacher = nn.Linear(3 * 32 * 32, 3)
+    teacher_net = nn.Sequential(nn.Flatten(), teacher)
+    module.set_distillation(teacher_net, DeiTDistillationLoss("soft", alpha=0.5, tau=2.0))
+    assert set(module.state_dict()) == keys and [id(p) for p in module.parameters()] == params
+    assert not teacher.weight.requires_grad and not teacher_net.training
+    module.train()
+    assert not teacher_net.training, "the student's train() does not reach the teacher"
+    images, targets = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
+    loss = module.training_step((images, targets), 0)
+    heads = module.net(images)                       # distilled training: class and distillation heads apart
+    assert isinstance(heads, tuple) and len(heads) == 2
+    expected, _ = DeiTDistillationLoss("soft", alpha=0.5, tau=2.0)(Heads.of(heads), teacher_net(images), targets,
+                                                                   module.criterion)
+    torch.testing.assert_close(loss, expected)
+    # Unregistered: the network trains on its averaged heads again, with the usual loss.
+    module.set_distillation(None)
+    assert module.distillation is None
+    torch.testing.assert_close(module.training_step((images, targets), 0),
+                               F.cross_entropy(module.net(images), targets))
+
+
+def test_a_student_without_distillation_head_is_refused_by_the_module():
+    from module import ImageClassifier
+    module = ImageClassifier(timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=8, depth=1,
+                                               embed_dim=32, num_heads=2, num_classes=3), num_classes=3)
+    with pytest.raises(UserInputError, match="needs a student with a distillation head, but VisionTransformer"):
+        module.set_distillation(nn.Identity(), DeiTDistillationLoss())
+
+
+def test_distillation_loss_needs_a_distillation_head():
+    with pytest.raises(UserInputError, match="returned no distillation head"):
+        DeiTDistillationLoss()(Heads(S_CLS), TEACHER, Y, nn.CrossEntropyLoss())
+
+
 @pytest.fixture
 def teacher_file(tmp_path):
     torch.manual_seed(0)
@@ -55,6 +103,8 @@ def test_distilled_deit_with_evit_trains_with_a_small_teacher(tmp_path, teacher_
     metrics = run(make_cfg(tmp_path, [*DISTILLED, f"callbacks.distillation.teacher_path={teacher_file}"]))
     assert metrics["train/loss_distill_epoch"] > 0 and metrics["train/loss_base_epoch"] > 0
     assert "val/acc1" in metrics
+    saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert {k.split(".")[0] for k in saved["state_dict"]} == {"net"}, "the teacher is not saved with the student"
 
 
 def test_teacher_errors(tmp_path, teacher_file):

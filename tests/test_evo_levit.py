@@ -10,7 +10,8 @@ from torch import nn
 from accel.backbones import create_evo_levit, fuse_levit
 from accel.backbones.evo_levit_names import ours_to_reference, reference_to_ours
 from accel.errors import UserInputError
-from callbacks.distillation import Distillation
+from accel.heads import Heads
+from callbacks.distillation import DeiTDistillationLoss
 from conftest import CONF, QUIET, make_cfg
 from pipeline import build
 from test_levit import randomise_bn
@@ -42,7 +43,9 @@ def randomise(model):
 @pytest.mark.parametrize("name", NAMES)
 def test_every_config_runs_forward_and_backward(name):
     model = make(name, 32, num_classes=7, drop_path_rate=float(config(name).drop_path_rate)).train()
-    cls, aux = model(torch.randn(2, 3, 32, 32))  # heads averaged, aux [CLS] head separate
+    heads = model(torch.randn(2, 3, 32, 32))  # class and distillation heads averaged, aux [CLS] head apart
+    cls, aux = heads.main, heads.aux_cls
+    assert heads.dist is None and heads.aux_dist is None
     (cls.sum() + aux.sum()).backward()
     assert cls.shape == aux.shape == (2, 7)
     assert model.stem.conv1.linear.weight.grad is not None and model.head_cls.linear.weight.grad is not None
@@ -111,17 +114,32 @@ def test_distillation_loss_averages_the_two_head_pairs():
     torch.manual_seed(0)
     outs = [torch.randn(4, 5) for _ in range(4)]
     y, teacher = torch.tensor([0, 1, 2, 3]), torch.randn(4, 5)
-    class Teacher(nn.Module):
-        def forward(self, images):
-            return teacher
-
-    cb = Distillation(kind="hard", alpha=0.5, teacher_module=Teacher())
-    total, parts = cb.loss(torch.zeros(4), outs, y, nn.CrossEntropyLoss())
+    heads = Heads(outs[0], dist=outs[1], aux_cls=outs[2], aux_dist=outs[3])
+    total, parts = DeiTDistillationLoss(kind="hard", alpha=0.5)(heads, teacher, y, nn.CrossEntropyLoss())
     ce = nn.functional.cross_entropy
     base = (ce(outs[0], y) + ce(outs[2], y)) / 2
     dist = (ce(outs[1], teacher.argmax(1)) + ce(outs[3], teacher.argmax(1))) / 2
     torch.testing.assert_close(total, 0.5 * base + 0.5 * dist)
     torch.testing.assert_close(parts["train/loss_base"], base)
+
+
+def test_distilled_training_heads_and_eval_rule():
+    """In distilled training the four heads come apart; otherwise each class head is averaged with
+    its distillation head, as at evaluation, where the auxiliary [CLS] heads are not used."""
+    model = create_evo_levit("evo_levit_128s", [1, 1] + [0.5] * 7, [0.5] * 3, num_classes=7, img_size=64)
+    x = torch.randn(2, 3, 64, 64)
+    model.set_distilled_training(True)
+    heads = model.train()(x)
+    assert all(t.shape == (2, 7) for t in (heads.main, heads.dist, heads.aux_cls, heads.aux_dist))
+    model.set_distilled_training(False)
+    averaged = model(x)
+    torch.testing.assert_close(averaged.main, (heads.main + heads.dist) / 2)
+    torch.testing.assert_close(averaged.aux_cls, (heads.aux_cls + heads.aux_dist) / 2)
+    assert averaged.dist is None and averaged.aux_dist is None
+    with torch.no_grad():
+        eval_logits = model.eval()(x)
+        feat = model.forward_features(x)[:, 1:].mean(dim=1)
+    torch.testing.assert_close(eval_logits, (model.head(feat) + model.head_dist(feat)) / 2)
 
 
 def test_short_fit_with_distillation_and_layer_to_stage_switch(tmp_path):
@@ -146,7 +164,7 @@ def test_short_fit_with_distillation_and_layer_to_stage_switch(tmp_path):
 
     class Spy(Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            seen.append((trainer.current_epoch, pl_module.net.layerwise))
+            seen.append((trainer.current_epoch, pl_module.layerwise))
 
     datamodule, module, trainer = build(cfg)
     trainer.callbacks.append(Spy())

@@ -106,7 +106,7 @@ def tokens_after_last_block(model, images):
 def test_tome_keep_rate_schedule_drives_merging():
     """keep_rate for ToMe (r=null) = fraction of image tokens left after the last block, at every
     value a keep-rate schedule sets (it calls set_keep_rate before each batch, from 1.0 down)."""
-    model = with_reducer(small_vit(), ToMe(r=None))
+    model = with_reducer(small_vit(), ToMe(r=None)).eval()
     images = torch.randn(2, 3, 64, 64)
     model.set_keep_rate(1.0)
     with torch.no_grad():
@@ -216,8 +216,8 @@ def test_gradients_reach_parameters_with_drop_path(reducer):
     torch.manual_seed(3)
     vit = timm.create_model("deit_tiny_patch16_224", img_size=64, patch_size=8, drop_path_rate=0.1)
     model = with_reducer(vit, reducer()).train()
-    out = model(torch.randn(4, 3, 64, 64))
-    loss = sum(o.logsumexp(-1).mean() for o in (out if isinstance(out, tuple) else (out,)))
+    heads = model(torch.randn(4, 3, 64, 64))
+    loss = sum(h.logsumexp(-1).mean() for h in heads.tensors())
     loss.backward()
     for name in ("patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "blocks.11.mlp.fc2.weight", "head.weight"):
         grad = dict(model.vit.named_parameters())[name].grad

@@ -75,8 +75,9 @@ def test_evo_deit_training_heads_and_gradients_equal_authors_code(name, mode):
     case, expected = DEIT_CASES[name], DEIT_CASES[name][mode]
     model = evo_deit(case["keep_rate"]).train()
     model.reducer.set_layerwise(mode == "train_layerwise")
-    heads = model(DEIT["images"])
-    assert len(heads) == 2                                     # mean-pool head, auxiliary [CLS] head
+    out = model(DEIT["images"])
+    heads = [out.main, out.aux_cls]                            # mean-pool head, auxiliary [CLS] head
+    assert out.dist is None and out.aux_dist is None and len(expected["heads"]) == 2
     for ours, theirs in zip(heads, expected["heads"]):
         torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
     labels = DEIT["labels"]
@@ -132,8 +133,9 @@ def test_evo_levit_training_heads_and_gradients_equal_authors_code(name, mode):
     model = evo_levit(case).train()
     model.set_distilled_training(True)
     model.set_layerwise(mode == "train_layerwise")
-    heads = model(LEVIT["images"])
-    assert len(heads) == 4                                     # class, distillation, and their [CLS] versions
+    out = model(LEVIT["images"])
+    heads = [out.main, out.dist, out.aux_cls, out.aux_dist]    # class, distillation, and their [CLS] versions
+    assert len(expected["heads"]) == 4
     for ours, theirs in zip(heads, expected["heads"]):
         torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
     sum(F.cross_entropy(h, LEVIT["labels"]) for h in heads).backward()

@@ -9,6 +9,7 @@ import torch
 
 from accel.backbones import create_evo_levit, with_reducer
 from accel.errors import UserInputError
+from accel.heads import Heads
 from accel.reducers import EViT, EvoViT, ToMe, TokenReducer
 from accel.reducers.protocol import TokenReducingNet
 from accel.reducers.selection import KeptTokens, MergedTokens, SlowFastTokens
@@ -95,8 +96,12 @@ def test_forward_is_forward_head_of_forward_features(name, training):
         whole = net(IMAGES)
         pooled = net.forward_head(net.forward_features(IMAGES), pre_logits=True)
     assert isinstance(feats, torch.Tensor) and feats.shape[0] == 2 and feats.shape[-1] == 192
-    for a, b in zip(*(o if isinstance(o, tuple) else (o,) for o in (split, whole))):
+    # Training mode: Heads (Evo-ViT's auxiliary [CLS] head beside the class head); eval mode: logits.
+    assert isinstance(whole, Heads) == training
+    for a, b in zip(*(o.tensors() if training else [o] for o in (split, whole))):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+    if training:
+        assert (whole.aux_cls is not None) == name.startswith("evo") and whole.dist is None
     assert pooled.shape == (2, 192)
 
 
@@ -118,8 +123,8 @@ def saved_bytes_and_grads(net, checkpointing):
 
     torch.manual_seed(5)                      # the same drop-path draws
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = net(torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(1)))
-        loss = sum(o.logsumexp(-1).mean() for o in (out if isinstance(out, tuple) else (out,)))
+        heads = net(torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(1)))
+        loss = sum(h.logsumexp(-1).mean() for h in heads.tensors())
         loss.backward()
     return sum(storages.values()), {n: p.grad for n, p in net.named_parameters() if p.grad is not None}
 

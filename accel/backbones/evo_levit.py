@@ -51,6 +51,7 @@ from torch import nn
 from accel.backbones.evo_levit_names import is_reference_evo_levit, reference_to_ours
 from accel.checkpoint import load_into
 from accel.errors import UserInputError
+from accel.heads import Heads
 from accel.reducers import evo_core
 from accel.reducers.protocol import RecordsSelections
 from accel.reducers.selection import Selection, SlowFastTokens
@@ -308,20 +309,18 @@ class EvoLevit(evo_core.LayerToStage, RecordsSelections, nn.Module):
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False):
         """Heads on ``forward_features``' tokens: the mean of the patch tokens (and [CLS] for the
-        auxiliary heads in training)."""
+        auxiliary heads). Eval mode: the class and distillation heads averaged; training mode:
+        ``Heads``, with the distillation heads apart only in distilled training."""
         cls, feat = x[:, 0], x[:, 1:].mean(dim=1)
         if pre_logits:
             return feat
-        logits = self.head(feat)
-        aux = self.head_cls(cls) if self.training and self.head_cls is not None else None
-        if self.head_dist is not None:
-            dist = self.head_dist(feat)
-            aux_dist = self.head_cls_dist(cls) if aux is not None else None
-            if self.training and self.distilled_training:
-                return (logits, dist) if aux is None else (logits, dist, aux, aux_dist)
-            logits = (logits + dist) / 2
-            aux = None if aux is None else (aux + aux_dist) / 2
-        return logits if aux is None else (logits, aux)
+        aux = self.training and self.head_cls is not None
+        heads = Heads(self.head(feat), dist=None if self.head_dist is None else self.head_dist(feat),
+                      aux_cls=self.head_cls(cls) if aux else None,
+                      aux_dist=self.head_cls_dist(cls) if aux and self.head_cls_dist is not None else None)
+        if not self.training:
+            return heads.eval_logits()
+        return heads if self.distilled_training else heads.averaged()
 
     def forward(self, images: torch.Tensor):
         return self.forward_head(self.forward_features(images))

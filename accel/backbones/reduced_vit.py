@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from accel.errors import UserInputError
+from accel.heads import Distillable, Heads
 from accel.reducers.base import State, TokenReducer
 from accel.reducers.protocol import RecordsSelections
 from accel.reducers.selection import Selection
@@ -84,8 +85,10 @@ class ReducedViT(RecordsSelections, nn.Module):
         return {f"vit.{n}" for n in self.vit.no_weight_decay()}
 
     def set_distilled_training(self, enable: bool = True) -> None:
-        if not hasattr(self.vit, "set_distilled_training"):
-            raise UserInputError(f"{type(self.vit).__name__} has no distillation head; use a distilled DeiT.")
+        """Return the distillation head apart (``Heads.dist``) in training (a distilled DeiT only)."""
+        if not isinstance(self.vit, Distillable):
+            raise UserInputError(f"Distillation needs a student with a distillation head, but {type(self.vit).__name__} "
+                                 "has none; use a distilled model (e.g. model=deit_s_distilled).")
         self.vit.set_distilled_training(enable)
 
     @torch.jit.ignore
@@ -116,9 +119,11 @@ class ReducedViT(RecordsSelections, nn.Module):
         return self.reducer.block(i, blk, x, dict(state))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False):
-        """Logits from ``forward_features``' tokens; in training, Evo-ViT adds its auxiliary head."""
+        """Logits from ``forward_features``' tokens in eval mode; ``Heads`` in training (Evo-ViT's
+        auxiliary head, a distilled DeiT's distillation head in distilled training)."""
         state, self._state = self._state, None
-        return self.reducer.head(self.vit, x, state, pre_logits=pre_logits)
+        out = self.reducer.head(self.vit, x, state, pre_logits=pre_logits)
+        return Heads.of(out) if self.training and not pre_logits else out
 
     def forward(self, x: torch.Tensor):
         return self.forward_head(self.forward_features(x))

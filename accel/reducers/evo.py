@@ -12,7 +12,7 @@ Placeholders: ``fast_path="none"`` keeps them unchanged, as the reference DeiT c
 ``fast_path="representative"`` is the paper's fast path (as in Evo-LeViT): the attention-weighted
 mean of the placeholders goes through the stage's blocks as one extra token and its residual updates
 are added to every placeholder when they rejoin. The classifier is the mean of all patch tokens →
-final norm → head, plus an auxiliary [CLS] head in training (loss 0.5/0.5).
+final norm → head, plus an auxiliary [CLS] head in training (``Heads.aux_cls``; loss 0.5/0.5).
 
 The token evolution itself (ranking, split, global attention update, rejoin, layer-to-stage mode)
 is ``accel.reducers.evo_core``, shared with Evo-LeViT; this module fits it to timm's ViT blocks.
@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from accel.errors import UserInputError
+from accel.heads import Heads
 from accel.reducers import evo_core
 from accel.reducers.attention import attention, attn_residual, check_plain_block, mlp_residual
 from accel.reducers.base import State, TokenReducer
@@ -136,9 +137,9 @@ class EvoViT(evo_core.LayerToStage, TokenReducer):
         if pre_logits:
             return feat
         logits = vit.head(vit.head_drop(feat))
-        if self.training and self.aux_cls_head:
-            return logits, self.head_cls(self.norm_cls(x[:, 0]))
-        return logits
+        if not self.training:
+            return logits
+        return Heads(logits, aux_cls=self.head_cls(self.norm_cls(x[:, 0])) if self.aux_cls_head else None)
 
     def extra_repr(self) -> str:
         return (f"keep_rate={self.keep_rate}, start={self.start}, stages={list(self.stages)}, tradeoff={self.tradeoff}, "

@@ -28,8 +28,8 @@ class TokenReducingNet(Protocol):
     - ``tracing`` / ``set_tracing(flag)``: also record the costlier parts of the selections that
       pictures need (ToMe's merge sources); networks whose selections are always complete ignore it.
     - ``forward_features(x)`` → tokens (a tensor, as timm's) and ``forward_head(x)`` → logits, with
-      ``forward(x) == forward_head(forward_features(x))``; in training the head may return several
-      tensors (auxiliary and distillation heads).
+      ``forward(x) == forward_head(forward_features(x))``; in training mode the head returns
+      ``accel.heads.Heads`` (class head, and distillation and auxiliary heads where there are any).
     """
 
     @property
