@@ -25,7 +25,6 @@ from rich.tree import Tree
 from accel.checkpoint import first_shape_mismatch, load_file
 from accel.errors import UserInputError
 from accel.reducers.base import check_keep_rate
-from callbacks.preemption import PreemptionCheckpoint
 from callbacks.resume_state import wandb_run_id
 from run_dirs import check_writable, continue_run, mark_finished, resume_index, write_resume_record
 
@@ -219,8 +218,6 @@ def output_directories(trainer: pl.Trainer) -> Dict[str, str]:
     """The directories a run writes to, each with what it holds (checkpoints, logs) and for whom."""
     dirs = {str(lg.save_dir): f"log directory of {type(lg).__name__}"
             for lg in trainer.loggers if getattr(lg, "save_dir", None)}
-    dirs.update({os.path.dirname(cb.path): f"checkpoint directory of {type(cb).__name__}"
-                 for cb in trainer.callbacks if isinstance(cb, PreemptionCheckpoint)})
     dirs.update({str(cb.dirpath): f"checkpoint directory of {type(cb).__name__}"
                  for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)})
     return dirs

@@ -1,26 +1,36 @@
-"""Every config in conf/ composes and its objects instantiate (no training)."""
+"""Every config in conf/ composes and its objects instantiate, and the tree keeps its shape: data configs
+set only data, model configs only the model, one file per callback, one writer of last.ckpt."""
+import inspect
 import os
 
 import hydra
 import pytest
+import pytorch_lightning as pl
 import torch
+from omegaconf import OmegaConf
 from pytorch_lightning.accelerators import CPUAccelerator
 from pytorch_lightning.plugins.layer_sync import TorchSyncBatchNorm
 from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from accel.heads import Heads
 from callbacks.atomic_checkpoint_io import AtomicCheckpointIO
-from conftest import CONF, make_cfg, write_jpeg_folder
-from pipeline import build, instantiate_list
+from conftest import CONF, FAST, make_cfg, write_jpeg_folder
+from pipeline import build, instantiate_list, run
 
 
 def options(group):
     return sorted(f[:-5] for f in os.listdir(os.path.join(CONF, group)) if f.endswith(".yaml"))
 
 
+BY_NAME = {"deit": "deit_tiny_patch16_224", "evo_levit": "evo_levit_128", "levit": "levit_128s"}
+
+
 @pytest.mark.parametrize("model", options("model"))
 def test_every_model_config_builds_a_classifier(tmp_path, model):
     small = [] if model == "vit_digits" else ["data=synthetic", "data.image_size=32", "data.num_classes=7"]
+    if model in BY_NAME:
+        small.append(f"model.name={BY_NAME[model]}")  # the parameterised files the sizes are named on
     if model.startswith("tome"):
         small.append("reducer.r=1")  # 32 px → 4 patches: r=13 cannot be merged
     if model.startswith("slide_swin"):
@@ -119,6 +129,7 @@ RECIPES = {
                            teacher="regnety_160", schedule=None),
     "evo_levit_256_in1k": dict(params=20_035_278, reducer=None, batch=2048, epochs=300, ema=0.99996,
                                teacher="regnety_160", schedule=(0.5, 0, 0, 200)),
+    "digits": dict(params=2_712_010, reducer=None, batch=64, epochs=30, ema=None, teacher=None, schedule=None),
     "digits_quick": dict(params=2_712_010, reducer=None, batch=64, epochs=5, ema=None, teacher=None, schedule=None),
     "evit_digits": dict(params=2_712_010, reducer="EViT", batch=64, epochs=30, ema=None, teacher=None,
                         schedule=(0.7, 5, 10, None)),
@@ -172,3 +183,105 @@ def test_any_backbone_with_any_reducer_and_keep_rate(tmp_path):
     assert type(net.reducer).__name__ == "EViT" and net.keep_rate == 0.5
     cfg = make_cfg(tmp_path, ["model=evit_deit_s", "reducer=tome", "reducer.r=[8,8,8]"])
     assert cfg.reducer._target_.endswith("ToMe") and list(cfg.reducer.r) == [8, 8, 8]
+
+
+# --- the shape of the config tree (README "Config groups") -------------------------------------------------
+def load_yaml(group, name):
+    return OmegaConf.load(os.path.join(CONF, group, f"{name}.yaml"))
+
+
+def nodes(cfg, skip=("hydra",)):
+    return {k: OmegaConf.to_container(cfg[k], resolve=False) if OmegaConf.is_config(cfg[k]) else cfg[k]
+            for k in cfg if k not in skip}
+
+
+@pytest.mark.parametrize("data", options("data"))
+def test_a_data_config_sets_only_data(tmp_path, data):
+    """Choosing a data set changes nothing but ``data``; a recipe that suits it is an experiment."""
+    chosen = nodes(make_cfg(tmp_path, [f"data={data}", "~experiment"]), skip=("hydra", "data"))
+    assert chosen == nodes(make_cfg(tmp_path, ["data=synthetic", "~experiment"]), skip=("hydra", "data"))
+
+
+def test_the_default_run_is_the_digits_experiment_and_other_data_keeps_the_deit_recipe(tmp_path):
+    default = make_cfg(tmp_path)
+    assert default.module.lr == 8e-3 and default.module.mixup is None and default.trainer.max_epochs == 30
+    assert nodes(default) == nodes(make_cfg(tmp_path, ["experiment=digits"]))
+    imagenet = make_cfg(tmp_path, ["data=imagenet", "data.root=/x"])
+    assert imagenet.module.lr == 5e-4 and imagenet.module.mixup.cutmix_alpha == 1.0 and imagenet.trainer.max_epochs == 300
+
+
+@pytest.mark.parametrize("model", options("model"))
+def test_a_model_config_sets_only_the_model_and_the_reducer_groups_choice(tmp_path, model):
+    """No model file is ``_global_``: everything outside ``model`` (the reducer, the keep rate) is what the
+    reducer group's option it chooses gives on its own."""
+    assert not open(os.path.join(CONF, "model", f"{model}.yaml")).readline().startswith("# @package")
+    cfg = make_cfg(tmp_path, [f"model={model}"])
+    reducer = cfg.hydra.runtime.choices.reducer
+    assert nodes(cfg, skip=("hydra", "model")) == nodes(make_cfg(tmp_path, [f"reducer={reducer}"]), skip=("hydra", "model"))
+
+
+@pytest.mark.parametrize("reducer", options("reducer"))
+def test_a_reducer_config_sets_only_the_reducer_and_its_keep_rate(tmp_path, reducer):
+    cfg = nodes(make_cfg(tmp_path, [f"reducer={reducer}"]), skip=("hydra", "reducer", "keep_rate"))
+    assert cfg == nodes(make_cfg(tmp_path), skip=("hydra", "reducer", "keep_rate"))
+
+
+def callback_files():
+    return [name for name in options("callbacks") if "defaults" not in load_yaml("callbacks", name)]
+
+
+@pytest.mark.parametrize("name", options("callbacks"))
+def test_a_callback_file_defines_one_callback_by_its_name_or_only_lists_others(name):
+    """conf/callbacks/<name>.yaml holds callbacks.<name> alone; default.yaml and the bundles
+    (keep_rate, distill, token_selection) only compose those files."""
+    cfg = load_yaml("callbacks", name)
+    if "defaults" in cfg:
+        assert set(cfg) == {"defaults"} and all(isinstance(d, str) for d in cfg.defaults)
+        assert set(cfg.defaults) - {"_self_"} <= set(callback_files()) | {"default"}
+    elif name != "none":
+        assert list(cfg) == [name] and "_target_" in cfg[name]
+
+
+@pytest.mark.parametrize("experiment", options("experiment"))
+def test_an_experiment_takes_its_callbacks_from_their_files(tmp_path, experiment):
+    """An experiment adds a callback through its defaults list and tunes it; it never declares one."""
+    for node in (load_yaml("experiment", experiment).get("callbacks") or {}).values():
+        assert "_target_" not in node
+    cfg = make_cfg(tmp_path, [f"experiment={experiment}", *([] if "digits" in experiment else ["data.root=/x"])])
+    for name, node in cfg.callbacks.items():
+        assert node._target_ == load_yaml("callbacks", name)[name]._target_
+
+
+class SigtermAtStep(pl.Callback):
+    """Lightning's SIGTERM path (stop after the batch in flight) at a known step."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == self.step:
+            trainer._signal_connector.received_sigterm = True  # what Lightning's SIGTERM handler sets
+
+
+def test_last_ckpt_has_one_writer_at_epoch_ends_every_n_steps_and_on_sigterm(tmp_path, monkeypatch):
+    """2 epochs of 3 steps, every_n_train_steps=2, SIGTERM after step 5: last.ckpt at steps 2, 3 (epoch
+    end), 4 and 5, each time written by the same callback."""
+    writes = []
+    save = pl.Trainer.save_checkpoint
+
+    def recording(trainer, path, *args, **kwargs):
+        caller = inspect.currentframe().f_back
+        while caller and not isinstance(caller.f_locals.get("self"), pl.Callback):
+            caller = caller.f_back
+        writes.append((os.path.basename(path), trainer.global_step, id(caller.f_locals["self"]) if caller else None))
+        return save(trainer, path, *args, **kwargs)
+    monkeypatch.setattr(pl.Trainer, "save_checkpoint", recording)
+    cfg = make_cfg(tmp_path, [*FAST, "trainer.max_epochs=2", "trainer.limit_train_batches=3", "trainer.limit_val_batches=1",
+                              "test=false", "callbacks.last_checkpoint.every_n_train_steps=2",
+                              "+callbacks.sigterm._target_=test_configs.SigtermAtStep", "+callbacks.sigterm.step=5"])
+    with pytest.raises(SIGTERMException):  # a SystemExit: the process ends with status 0
+        run(cfg)
+    last = [(step, writer) for name, step, writer in writes if name == "last.ckpt"]
+    assert [step for step, _ in last] == [2, 3, 4, 5]
+    assert len({writer for _, writer in last}) == 1 and None not in {writer for _, writer in last}
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 5

@@ -19,7 +19,7 @@ from hydra.utils import instantiate
 
 from accel.errors import UserInputError
 from callbacks.atomic_checkpoint_io import AtomicCheckpointIO
-from callbacks.preemption import PreemptionCheckpoint
+from callbacks.last_checkpoint import LastCheckpoint
 from callbacks.resume_state import ResumeState
 from conftest import FAST, ROOT, make_cfg, run_train
 from pipeline import prepare_loggers, run
@@ -138,7 +138,7 @@ def test_sigterm_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path):
     common = [*EVIT, "keep_rate=0.5", "callbacks=keep_rate", "callbacks.keep_rate_schedule.start_epoch=0",
               "callbacks.keep_rate_schedule.epochs=2", "trainer.max_epochs=3", "trainer.limit_train_batches=6",
               "trainer.limit_val_batches=1", "test=false", "trainer.log_every_n_steps=1", "module.ema_decay=0.9",
-              "callbacks.step_checkpoint.every_n_train_steps=4"]
+              "callbacks.last_checkpoint.every_n_train_steps=4"]
     whole = tmp_path / "whole"
     run(make_cfg(whole, common))
 
@@ -197,7 +197,7 @@ def test_under_slurm_sigusr1_is_lightnings_requeue_and_the_requeued_job_resumes_
              "SLURM_JOB_NUM_NODES": "1", "PATH": f"{fake_bin}{os.pathsep}{os.environ['PATH']}"}
     run_dir = tmp_path / "run"
     args = [*FAST, "trainer.max_epochs=2", "trainer.limit_train_batches=6", "trainer.limit_val_batches=1", "test=false",
-            "callbacks.step_checkpoint.every_n_train_steps=2", "trainer.log_every_n_steps=1"]
+            "callbacks.last_checkpoint.every_n_train_steps=2", "trainer.log_every_n_steps=1"]
     proc = start_paused([*args, f"hydra.run.dir={run_dir}"], 9, tmp_path / "paused", env_extra=slurm)
     proc.send_signal(signal.SIGUSR1)  # SLURM's warning before the time limit (--signal=USR1@120)
     deadline = time.monotonic() + 60
@@ -223,7 +223,7 @@ def test_sigusr1_outside_slurm_takes_the_sigterm_path(monkeypatch):
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
     try:
         signal.signal(signal.SIGUSR1, signal.SIG_DFL)
-        PreemptionCheckpoint(dirpath="unused").on_train_start(None, None)
+        LastCheckpoint(dirpath="unused").on_train_start(None, None)
         os.kill(os.getpid(), signal.SIGUSR1)
         time.sleep(0.1)
         assert received == [signal.SIGTERM]

@@ -1,10 +1,11 @@
-"""Save ``last.ckpt`` when the job is told to stop (SIGTERM, SIGUSR1, Ctrl-C), then let it exit cleanly.
+"""``checkpoints/last.ckpt``, the file a resume starts from, written by one callback on three triggers:
+the end of every epoch, every N training steps, and a stop by signal (SIGTERM, SIGUSR1, Ctrl-C).
 
 Lightning already turns SIGTERM into a stop at a consistent point: its signal connector sets
 ``trainer.received_sigterm`` (and forwards the signal to DDP workers), and the loops raise
 ``SIGTERMException`` after the current training batch, on every rank at the same batch. This
-callback only adds the save (on that exception alone, not on crashes, whose state may be broken)
-and routes SIGUSR1 the same way when nothing else owns it. Under SLURM, SIGUSR1 belongs to
+callback adds the save (on that exception alone, not on crashes, whose state may be broken) and
+routes SIGUSR1 the same way when nothing else owns it. Under SLURM, SIGUSR1 belongs to
 Lightning's ``SLURMEnvironment`` (auto-requeue), so it is left alone there. The first Ctrl-C (SIGINT)
 takes the SIGTERM path too, instead of a KeyboardInterrupt that would drop the work since the last
 save; a second Ctrl-C stops at once. Every stop that leaves a checkpoint prints the resume command.
@@ -14,10 +15,11 @@ from __future__ import annotations
 import logging
 import os
 import signal
-from typing import Any
+from typing import Any, Optional
 
 import pytorch_lightning as pl
 from lightning_fabric.plugins.environments import SLURMEnvironment
+from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
@@ -42,22 +44,31 @@ def resume_command(run_dir: str) -> str:
     return f"python train.py ckpt_path=last hydra.run.dir={run_dir}"
 
 
-class PreemptionCheckpoint(pl.Callback):
-    """On SIGTERM, Ctrl-C (or SIGUSR1 outside SLURM), write ``<dirpath>/<filename>.ckpt`` after the training
-    batch in flight, then exit with the state of that batch: global step, optimizer, LR scheduler,
-    EMA, callbacks (keep rate, RNG, W&B run id) — everything a resume needs.
+class LastCheckpoint(ModelCheckpoint):
+    """``<dirpath>/last.ckpt`` after every epoch, every ``every_n_train_steps`` training steps, and after
+    the training batch in flight when SIGTERM, Ctrl-C (or SIGUSR1 outside SLURM) stops the run, which
+    then exits with the state of that batch: global step, optimizer, LR scheduler, EMA, callbacks
+    (keep rate, RNG, W&B run id) — everything a resume needs. One file, overwritten in place (written
+    beside and renamed by the trainer's checkpoint IO), at most once per global step.
 
     Args:
         dirpath: checkpoint directory (the run's ``checkpoints/``).
-        filename: name without ``.ckpt``; ``last`` so that a resume finds it like the periodic one.
+        every_n_train_steps: also save every this many steps (mid-epoch); 0 or None: only at epoch ends.
+        filename: name without ``.ckpt``; ``last`` is where a resume looks.
     """
 
-    def __init__(self, dirpath: str, filename: str = "last") -> None:
-        self.path = os.path.join(dirpath, filename + ".ckpt")
+    def __init__(self, dirpath: str, every_n_train_steps: Optional[int] = 500, filename: str = "last") -> None:
+        super().__init__(dirpath=dirpath, filename=filename, monitor=None, save_top_k=1, save_last=False,
+                         every_n_train_steps=every_n_train_steps or 0, enable_version_counter=False)
+        # ModelCheckpoint accepts one trigger (steps or epochs) in its constructor; its saving hooks
+        # handle both at once (each checks its own trigger, and a step already saved is not saved twice).
+        self._every_n_epochs = 1
+        self.path = os.path.join(self.dirpath, filename + self.FILE_EXTENSION)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
         # Lightning has registered its handlers by now and restores the previous ones at teardown,
-        # which removes this one too. An occupied SIGUSR1 (SLURM auto-requeue, NCCL, the user's own)
+        # which removes these too. An occupied SIGUSR1 (SLURM auto-requeue, NCCL, the user's own)
         # is not touched: that is the signal-handling fight this avoids.
         if not SLURMEnvironment.detect() and signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None):
             signal.signal(signal.SIGUSR1, _sigusr1_as_sigterm)
@@ -68,8 +79,8 @@ class PreemptionCheckpoint(pl.Callback):
         if trainer.state.fn != TrainerFn.FITTING:
             return
         stopped = isinstance(exception, SIGTERMException)
-        if stopped:
-            trainer.save_checkpoint(self.path)
+        if stopped and not self._should_skip_saving_checkpoint(trainer):
+            self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
         if not trainer.is_global_zero:
             return
         # Imported here: pipeline imports this module.
