@@ -1,9 +1,10 @@
 """Evo-LeViT: every config, reference names, fusion, bad input, the distillation loss, a short fit.
 Equality with the authors' code: tests/test_reference_parity_evo.py."""
+import tempfile
+
 import pytest
 import timm
 import torch
-from omegaconf import OmegaConf
 from pytorch_lightning import Callback
 from torch import nn
 
@@ -12,7 +13,7 @@ from accel.backbones.evo_levit_names import ours_to_reference, reference_to_ours
 from accel.errors import UserInputError
 from accel.heads import Heads
 from callbacks.distillation import DeiTDistillationLoss
-from conftest import CONF, QUIET, make_cfg
+from conftest import QUIET, make_cfg
 from pipeline import build
 from test_levit import randomise_bn
 
@@ -20,7 +21,8 @@ NAMES = ["evo_levit_128s", "evo_levit_128", "evo_levit_192", "evo_levit_256", "e
 
 
 def config(name):
-    return OmegaConf.load(f"{CONF}/model/{name}.yaml").model
+    """conf/model/<name>.yaml as Hydra composes it (the sizes build on model/evo_levit.yaml)."""
+    return make_cfg(tempfile.gettempdir(), [f"model={name}"]).model
 
 
 def make(name, img_size=224, num_classes=10, **kw):

@@ -6,19 +6,21 @@ those weights through this project's loaders (official LeViT names, the referenc
 and must give the same outputs: eval logits, training outputs and gradients, and the inference forms (LeViT's
 fused BatchNorm, slide attention re-parameterised, on the fused CPU kernel and on the torch path)."""
 import copy
+import tempfile
 from pathlib import Path
 
 import hydra
 import pytest
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
+from omegaconf import open_dict
 
 from accel.backbones import fuse_levit, slide_kernel
 from accel.backbones.levit_names import official_to_timm
 from accel.backbones.slide_attention import SlideAttention
 from accel.backbones.slide_swin import create_slide_swin, reparameterize_slide
 from accel.errors import UserInputError
+from conftest import make_cfg
 from seeded_weights import draw_state_dict, fingerprint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,10 +41,11 @@ def drawn_checkpoint(fx: dict, path: Path) -> Path:
 
 
 def build(config: str, **overrides):
-    """The model as conf/model/<config>.yaml builds it."""
-    cfg = OmegaConf.load(ROOT / "conf" / "model" / f"{config}.yaml")
-    for k, v in overrides.items():
-        cfg[k] = v
+    """The model as conf/model/<config>.yaml builds it (composed: the sizes build on a parameterised file)."""
+    cfg = make_cfg(tempfile.gettempdir(), [f"model={config}"]).model
+    with open_dict(cfg):
+        for k, v in overrides.items():
+            cfg[k] = v
     return hydra.utils.instantiate(cfg)
 
 
