@@ -32,7 +32,7 @@ def test_evit_equals_authors_code(name):
     with torch.no_grad():
         logits = model(images)
     torch.testing.assert_close(logits, case["logits"], atol=1e-4, rtol=0)
-    kept = [s["kept"] for s in model.last_selection]
+    kept = [s.kept for s in model.selections]
     assert len(kept) == len(case["kept"])
     for ours, theirs in zip(kept, case["kept"]):
         assert torch.equal(ours, theirs)      # same patches, same (descending-score) order, -1 = the fused token
@@ -45,7 +45,7 @@ def test_tome_equals_authors_code(name):
     with torch.no_grad():
         logits = model(images)
     torch.testing.assert_close(logits, case["logits"], atol=1e-4, rtol=0)
-    merged = {s["block"]: s["size"][..., 0] for s in model.last_selection}
+    merged = {s.block: s.size[..., 0] for s in model.selections}
     size = None
     for i, theirs in enumerate(case["size_after_block"]):
         size = merged.get(i, size)             # a block that merges nothing keeps the sizes

@@ -54,7 +54,7 @@ def test_evo_deit_eval_logits_equal_authors_code(name):
         logits = model(DEIT["images"])
     torch.testing.assert_close(logits, case["eval_logits"], atol=1e-4, rtol=0)
     n_keep = int(model.vit.patch_embed.num_patches * case["keep_rate"])
-    assert [s["kept"].shape[1] for s in model.last_selection] == [n_keep, n_keep]  # blocks 4 and 8
+    assert [s.kept.shape[1] for s in model.selections] == [n_keep, n_keep]  # blocks 4 and 8
 
 
 def test_evo_deit_release_file_loads_through_create_vit(tmp_path):
@@ -85,7 +85,7 @@ def test_evo_deit_training_heads_and_gradients_equal_authors_code(name, mode):
     grads = timm_to_evo({n.removeprefix("vit."): p.grad for n, p in model.named_parameters()})
     assert_grads_equal(grads, expected["grads"])
     # Layer-wise: a selection at each of blocks 4…11; stage-wise: at 4 and 8, as at inference.
-    assert len(model.last_selection) == (8 if mode == "train_layerwise" else 2)
+    assert len(model.selections) == (8 if mode == "train_layerwise" else 2)
 
 
 # --- Evo-LeViT -----------------------------------------------------------------------------------------------
@@ -106,10 +106,10 @@ def assert_same_selection(model: EvoLevit, their_order: torch.Tensor, their_scor
     """Each selection ranks by the same global class attention (carried through the shrinking attentions and
     rescaled there), and the last one keeps the same tokens in the same order. The authors number tokens by
     their position in the first grid (subsampled along), this project by the current grid: compare ranks."""
-    assert len(model.last_selection) == len(their_scores)
-    for selection, scores in zip(model.last_selection, their_scores):
-        torch.testing.assert_close(selection["global_attention"], scores, atol=1e-6, rtol=1e-4)
-    kept = model.last_selection[-1]["kept"]
+    assert len(model.selections) == len(their_scores)
+    for selection, scores in zip(model.selections, their_scores):
+        torch.testing.assert_close(selection.global_attention, scores, atol=1e-6, rtol=1e-4)
+    kept = model.selections[-1].kept
     ranks = torch.searchsorted(their_order.sort(dim=1).values, their_order)
     assert torch.equal(kept, ranks[:, :kept.shape[1]])
 

@@ -22,16 +22,17 @@ What the reference changes in LeViT, and this module reproduces:
 * heads: mean of all patch tokens → class + distillation heads (averaged at evaluation), and in
   training auxiliary [CLS] heads (``head_cls``, ``head_cls_dist``; 720-733).
 
-Line numbers: evo_levit.py at fd630d01. Where the code goes
+Line numbers: YifanXu74/Evo-ViT levit/evo_levit.py at fd630d01 (the same lines at 4c5d9b30, the
+commit of the parity fixtures, tests/fixtures/reference/PROVENANCE.md). Where the code goes
 beyond or against what the paper/README describe (paper PDF not checked here): the learnt,
 per-layer trade-off (the method is described with a fixed one); head-mean scores (Evo-ViT on DeiT
 sums over heads); the score carry and ΣA rescaling through the shrinking attention, the removal of
 LeViT's attention biases and the repeated position embeddings are code-only; the auxiliary [CLS]
 heads and the 'cls' distillation loss (losses_levit.py) are code-only; while training before epoch
 200 the reference also *evaluates* layer-wise (engine_levit.py never switches back) — here
-evaluation is always stage-wise, as its ``--eval``. An earlier revision (3d19ce41) kept
-``int(P·r) − 1`` tokens in stage-wise selection, had the learnt trade-off off by default and
-Evo-LeViT-128S undistilled.
+evaluation is always stage-wise, as its ``--eval``. The authors' revision 3d19ce41 differs: it
+keeps ``int(P·r) − 1`` tokens in stage-wise selection, has the learnt trade-off off by default and
+Evo-LeViT-128S undistilled; this file follows 4c5d9b30.
 
 Reference quirk kept: the attention decides "nothing is parked" by sequence length
 (``len(A) − N + 2 == 1``, 397), so when exactly one token is parked its score is updated too,

@@ -56,8 +56,7 @@ class TokenReducingNet(Protocol):
 
 
 class RecordsSelections:
-    """``selections`` (and its earlier name ``last_selection``) for a network that keeps the last
-    forward's records in ``self._selections``."""
+    """``selections`` for a network that keeps the last forward's records in ``self._selections``."""
 
     _selections: List[Selection]
 
@@ -65,8 +64,3 @@ class RecordsSelections:
     def selections(self) -> List[Selection]:
         """The last forward's selections, one per reducing block, in order."""
         return list(self._selections)
-
-    @property
-    def last_selection(self) -> List[Selection]:
-        """The same as ``selections`` (the earlier name)."""
-        return self.selections

@@ -26,10 +26,6 @@ class Selection:
     block: int
     grid: Tuple[int, int]
 
-    def __getitem__(self, name: str):
-        # Read access by field name (``s["kept"]``): a selection also reads as a mapping of its fields.
-        return getattr(self, name)
-
 
 @dataclass(frozen=True, eq=False)
 class KeptTokens(Selection):
