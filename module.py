@@ -51,7 +51,8 @@ class ImageClassifier(pl.LightningModule):
     The module owns the network and its EMA copy. Callbacks talk to it through named methods only:
     ``set_keep_rate`` / ``keep_rate`` and ``set_layerwise`` / ``layerwise`` act on both networks, so
     the EMA is evaluated at the live network's keep rate and selection mode; ``selections`` and
-    ``set_tracing`` serve pictures; ``set_distillation`` registers a teacher.
+    ``set_tracing`` serve pictures; ``set_distillation`` registers a teacher; ``set_test_prefix``
+    names what ``trainer.test`` evaluates.
 
     Training heads are read as ``accel.heads.Heads`` (``Heads.of`` adapts timm's distilled models);
     the loss is the mean of the criterion over the heads, or the registered distillation loss.
@@ -101,6 +102,7 @@ class ImageClassifier(pl.LightningModule):
         self._epoch_images = 0
         #: The teacher and its loss while distilling (``set_distillation``); None otherwise.
         self.distillation: Optional[Teacher] = None
+        self._test_prefix = "eval/val"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -226,20 +228,28 @@ class ImageClassifier(pl.LightningModule):
         self.log("train/images_per_sec", self._epoch_images / seconds, reduce_fx="sum", sync_dist=True)
 
     # --- evaluation --------------------------------------------------------------------------
+    def set_test_prefix(self, prefix: str) -> None:
+        """Name what ``trainer.test`` evaluates: it logs ``<prefix>_loss``, ``<prefix>_acc1``,
+        ``<prefix>_ema_acc1``, ... The data modules' test split is their validation split, so the
+        prefix says the split and the weights: ``eval/val`` (default: the weights given),
+        ``best/val`` (the checkpoint selected on that same split)."""
+        self._test_prefix = prefix
+
     def _evaluate(self, stage: str, batch) -> None:
         images, targets = batch
         logits = self.net(images)
-        self.log(f"{stage}/loss", nn.functional.cross_entropy(logits, targets), sync_dist=True,
+        name = "val/" if stage == "val" else f"{self._test_prefix}_"
+        self.log(f"{name}loss", nn.functional.cross_entropy(logits, targets), sync_dist=True,
                  prog_bar=stage == "val", batch_size=images.shape[0])
         nets = [("", logits)]
         if self.ema is not None:
             nets.append(("_ema", self.ema.module(images)))
         for suffix, out in nets:
-            for name in ("acc1", "acc5"):
-                metric = self.metrics[f"{stage}{suffix}_{name}"]
+            for metric_name in ("acc1", "acc5"):
+                metric = self.metrics[f"{stage}{suffix}_{metric_name}"]
                 metric(out, targets)
-                self.log(f"{stage}/{suffix.lstrip('_') + '_' if suffix else ''}{name}", metric,
-                         prog_bar=name == "acc1", batch_size=images.shape[0])
+                self.log(f"{name}{suffix.lstrip('_') + '_' if suffix else ''}{metric_name}", metric,
+                         prog_bar=metric_name == "acc1", batch_size=images.shape[0])
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._evaluate("val", batch)

@@ -258,6 +258,8 @@ def run(cfg: DictConfig) -> Dict[str, float]:
             test_ckpt = best or None
             if not best:
                 log.warning("No best checkpoint was saved; testing the current weights.")
+            # The test split is the validation split: the names say so, and which weights were scored.
+            module.set_test_prefix("best/val" if best else "last/val")
         else:
             test_ckpt = ckpt_path
         trainer.test(module, datamodule=datamodule, ckpt_path=test_ckpt, weights_only=False)

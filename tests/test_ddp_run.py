@@ -73,7 +73,7 @@ def logged(rows, name):
 
 def test_ema_is_validated_saved_and_restored_under_ddp(ddp_run):
     first, resumed = metric_rows(ddp_run["run_dir"])
-    assert logged(first, "val/ema_acc1") and logged(resumed, "val/ema_acc1") and logged(first, "test/ema_acc1")
+    assert logged(first, "val/ema_acc1") and logged(resumed, "val/ema_acc1") and logged(first, "best/val_ema_acc1")
     saved = ddp_run["saved_ema"]
     assert saved, "the EMA is in the checkpoint's state dict"
     for rank in range(WORLD):
@@ -108,10 +108,11 @@ def test_sharded_metrics_equal_a_single_process_evaluation_of_the_checkpoint(ddp
     for evaluate in (trainer.validate, trainer.test):
         evaluate(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=False, verbose=False)
         single.update({k: float(v) for k, v in trainer.callback_metrics.items()})
-    for stage in ("val", "test"):
+    # The launch's final evaluation of its best checkpoint (best/val_*) against this evaluation of the
+    # given file (eval/val_*).
+    for launch, here in (("val/", "val/"), ("best/val_", "eval/val_")):
         for name in ("acc1", "acc5", "ema_acc1", "ema_acc5", "loss"):
-            key = f"{stage}/{name}"
-            assert logged(first, key)[-1] == pytest.approx(single[key], rel=1e-5), key
+            assert logged(first, launch + name)[-1] == pytest.approx(single[here + name], rel=1e-5), launch + name
 
 
 def test_lr_is_scaled_by_world_size_and_accumulation(ddp_run):

@@ -92,7 +92,7 @@ def test_recipe_trains_under_ddp_and_resumes(tmp_path, tiny_imagenet, teacher_fi
     assert saved["global_step"] == STEPS_PER_EPOCH
     assert any(k.startswith("ema.") for k in saved["state_dict"]) == ema
     (rows,) = csv_rows(run_dir)
-    assert any(r.get("val/acc1") for r in rows) and any(r.get("test/acc1") for r in rows)
+    assert any(r.get("val/acc1") for r in rows) and any(r.get("best/val_acc1") for r in rows)
     assert any(r.get("val/ema_acc1") for r in rows) == ema
 
     # Training a finished run further is a deliberate change of its saved config: resume.allow names it.

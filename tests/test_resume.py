@@ -84,7 +84,7 @@ def test_the_readme_resume_continues_a_moved_run_as_configured_and_keeps_its_rec
     assert len(best) == 1, best
     states = [s for k, s in last["callbacks"].items() if k.startswith("ModelCheckpoint{'monitor': 'val/acc1'")]
     assert states[0]["best_model_path"] == best[0]
-    assert "test/acc1" in open(run_dir / "csv" / "resume_1" / "metrics.csv").readline()
+    assert "best/val_acc1" in open(run_dir / "csv" / "resume_1" / "metrics.csv").readline()
 
 
 def test_changes_are_refused_unless_allowed_and_a_finished_run_is_not_reused(stopped_run, tmp_path):
@@ -130,4 +130,4 @@ def test_a_deliberate_change_that_fails_its_checks_does_not_become_the_runs_conf
     assert "does not fit the configured model" in line
     proc = launch(["train=false", "ckpt_path=last", f"hydra.run.dir={run_dir}"])  # evaluates with the run's model
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "test/acc1" in open(run_dir / "csv" / "resume_1" / "metrics.csv").readline()
+    assert "eval/val_acc1" in open(run_dir / "csv" / "resume_1" / "metrics.csv").readline()

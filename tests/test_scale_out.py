@@ -28,7 +28,9 @@ from scale_out_helpers import start_paused
 TESTS = os.path.dirname(os.path.abspath(__file__))
 # A tiny EViT on digits: 2 blocks, both reducing.
 EVIT = [*FAST, "reducer=evit", "reducer.locations=[0,1]"]
-TINY_SWEEP = [*EVIT, "trainer.max_steps=3", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1"]
+# One epoch of 3 steps: validated, so each job has a best checkpoint whose best/val_acc1 the sweeper reads.
+TINY_SWEEP = [*EVIT, "trainer.max_epochs=1", "trainer.limit_train_batches=3", "trainer.limit_val_batches=1",
+              "trainer.limit_test_batches=1"]
 
 
 def csv_rows(path):
@@ -52,8 +54,8 @@ def test_optuna_search_runs_each_trial_as_a_basic_launcher_job_and_maximises_val
         overrides = dict(o.split("=", 1) for o in hydra_cfg["overrides"]["task"] if "=" in o)
         assert 0.5 <= float(overrides["keep_rate"]) <= 0.9 and 1e-4 <= float(overrides["module.lr"]) <= 1e-2
         assert os.path.isfile(os.path.join(job, "checkpoints", "last.ckpt"))
-        test_rows = [r for r in csv_rows(os.path.join(job, "csv", "metrics.csv")) if r.get("test/acc1")]
-        results[(float(overrides["keep_rate"]), float(overrides["module.lr"]))] = float(test_rows[-1]["test/acc1"])
+        test_rows = [r for r in csv_rows(os.path.join(job, "csv", "metrics.csv")) if r.get("best/val_acc1")]
+        results[(float(overrides["keep_rate"]), float(overrides["module.lr"]))] = float(test_rows[-1]["best/val_acc1"])
     assert len(results) == 3, "each trial has its own point"
     best = yaml.safe_load(open(glob.glob(str(tmp_path / "train" / "multiruns" / "*" / "optimization_results.yaml"))[0]))
     assert best["best_value"] == pytest.approx(max(results.values()))
@@ -71,7 +73,7 @@ def test_submitit_local_sweep_runs_each_point_as_its_own_job(tmp_path):
     for job, keep_rate in zip(jobs, ("0.6", "0.7")):
         assert f"keep_rate={keep_rate}" in open(os.path.join(job, ".hydra", "overrides.yaml")).read()
         assert os.path.isfile(os.path.join(job, "checkpoints", "last.ckpt"))
-        assert any(r.get("test/acc1") for r in csv_rows(os.path.join(job, "csv", "metrics.csv")))
+        assert any(r.get("best/val_acc1") for r in csv_rows(os.path.join(job, "csv", "metrics.csv")))
         pids.add(yaml.safe_load(open(os.path.join(job, ".hydra", "hydra.yaml")))["hydra"]["job"]["id"])
     submitted = glob.glob(str(tmp_path / "train" / "multiruns" / "*" / ".submitit" / "*" / "*_result.pkl"))
     assert len(submitted) == 2 and len(pids) == 2, "two submitit jobs, one per point"
