@@ -208,12 +208,19 @@ class ImageClassifier(pl.LightningModule):
             self.log_dict(parts, on_step=True, on_epoch=True, batch_size=images.shape[0])
         else:
             loss = self.loss(heads, targets)
-        if not torch.isfinite(loss):
+        if self._logs_this_step() and not torch.isfinite(loss):
             raise FloatingPointError(f"Loss is {loss.item()} at step {self.global_step}; lower the learning rate "
                                      "or enable gradient clipping (trainer.gradient_clip_val).")
         self._epoch_images += images.shape[0]
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=images.shape[0])
         return loss
+
+    def _logs_this_step(self) -> bool:
+        """Whether Lightning logs this step (every ``trainer.log_every_n_steps``). Reading the loss
+        back to the host stalls the GPU's queue of kernels, so its finiteness is checked only on the
+        steps that read it back for logging anyway; a NaN is caught within that many steps."""
+        every = self._trainer.log_every_n_steps if self._trainer is not None else 0
+        return bool(every) and self.global_step % every == 0
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         if self.ema is not None and (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0:

@@ -38,7 +38,8 @@ def test_equals_evit_without_fusion(name):
     torch.manual_seed(0)
     vit = timm.create_model(name, img_size=64, patch_size=8, depth=6).eval()
     images = torch.randn(2, 3, 64, 64)
-    topk, evit = with_reducer(vit, TopK(0.6, locations=(1, 3))), with_reducer(vit, EViT(0.6, (1, 3), fuse_token=False))
+    topk = with_reducer(vit, TopK(0.6, locations=(1, 3))).eval()
+    evit = with_reducer(vit, EViT(0.6, (1, 3), fuse_token=False)).eval()
     with torch.no_grad():
         assert torch.equal(topk(images), evit(images))
     assert all(torch.equal(a.kept, b.kept) for a, b in zip(topk.selections, evit.selections))
