@@ -55,7 +55,8 @@ class ImageClassifier(pl.LightningModule):
     names what ``trainer.test`` evaluates.
 
     Training heads are read as ``accel.heads.Heads`` (``Heads.of`` adapts timm's distilled models);
-    the loss is the mean of the criterion over the heads, or the registered distillation loss.
+    the loss is the mean of the criterion over the heads, or the registered distillation loss, plus
+    the extra terms a learned reducer computes (``Heads.losses``).
     """
 
     def __init__(
@@ -208,6 +209,11 @@ class ImageClassifier(pl.LightningModule):
             self.log_dict(parts, on_step=True, on_epoch=True, batch_size=images.shape[0])
         else:
             loss = self.loss(heads, targets)
+        if heads.losses:
+            # A learned reducer's own objective terms (keep-ratio or FLOPs targets), already weighted.
+            loss = loss + sum(heads.losses.values())
+            self.log_dict({f"train/loss_{name}": term.detach() for name, term in heads.losses.items()},
+                          on_step=True, on_epoch=True, batch_size=images.shape[0])
         if self._logs_this_step() and not torch.isfinite(loss):
             raise FloatingPointError(f"Loss is {loss.item()} at step {self.global_step}; lower the learning rate "
                                      "or enable gradient clipping (trainer.gradient_clip_val).")

@@ -14,8 +14,8 @@ training-mode output (a tensor; timm's distilled models' ``(x, x_dist)``; ``Head
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import List, Optional, Protocol, Tuple, runtime_checkable
+from dataclasses import dataclass, field, replace
+from typing import List, Mapping, Optional, Protocol, Tuple, runtime_checkable
 
 import torch
 
@@ -32,12 +32,16 @@ class Heads:
     ``dist``: the distillation head (distilled DeiT's distillation token, LeViT's ``head_dist``).
     ``aux_cls``: Evo-ViT's auxiliary [CLS] head, used only in training.
     ``aux_dist``: Evo-LeViT's auxiliary [CLS] distillation head, the partner of ``aux_cls``.
+    ``losses``: extra terms of the training objective that the network itself computes (a learned
+    reducer's ratio or FLOPs target, ``TokenReducer.training_losses``), already weighted and named
+    for logging; the module adds them to the loss of the heads.
     """
 
     main: torch.Tensor
     dist: Optional[torch.Tensor] = None
     aux_cls: Optional[torch.Tensor] = None
     aux_dist: Optional[torch.Tensor] = None
+    losses: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # Distillation pairs each class head with a distillation head: both auxiliary heads or neither
@@ -74,7 +78,14 @@ class Heads:
     def averaged(self) -> "Heads":
         """Each class head averaged with its distillation head: what a distilled network trains on
         without a teacher (timm's distilled models outside distilled training, Evo-LeViT)."""
-        return Heads(_mean(self.main, self.dist), aux_cls=_mean(self.aux_cls, self.aux_dist))
+        return Heads(_mean(self.main, self.dist), aux_cls=_mean(self.aux_cls, self.aux_dist), losses=self.losses)
+
+    def with_losses(self, losses: Mapping[str, torch.Tensor]) -> "Heads":
+        """These heads with ``losses`` added to the extra loss terms (a name may appear only once)."""
+        clash = set(losses) & set(self.losses)
+        if clash:
+            raise ValueError(f"Extra loss terms named twice: {sorted(clash)}.")
+        return replace(self, losses={**self.losses, **losses})
 
     def eval_logits(self) -> torch.Tensor:
         """The logits at evaluation: the class head, averaged with the distillation head where there

@@ -120,10 +120,14 @@ class ReducedViT(RecordsSelections, nn.Module):
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False):
         """Logits from ``forward_features``' tokens in eval mode; ``Heads`` in training (Evo-ViT's
-        auxiliary head, a distilled DeiT's distillation head in distilled training)."""
+        auxiliary head, a distilled DeiT's distillation head in distilled training, and the
+        reducer's ``training_losses``)."""
         state, self._state = self._state, None
         out = self.reducer.head(self.vit, x, state, pre_logits=pre_logits)
-        return Heads.of(out) if self.training and not pre_logits else out
+        if not self.training or pre_logits:
+            return out
+        losses = self.reducer.training_losses(state) if state is not None else {}
+        return Heads.of(out).with_losses(losses) if losses else Heads.of(out)
 
     def forward(self, x: torch.Tensor):
         return self.forward_head(self.forward_features(x))

@@ -40,6 +40,8 @@ class TokenReducer(nn.Module):
         Decisions are recorded with ``record(state, selection)``, never on ``self``.
       - ``features(vit, x, state)``: the tokens ``forward_features`` returns (timm: final norm).
       - ``head(vit, x, state, pre_logits)``: pooling and classifier (timm's by default).
+      - ``training_losses(state)``: extra, weighted, named loss terms of a training forward (learned
+        reducers: DynamicViT's keep-ratio target, DiffRate's FLOPs target); the module sums them.
       - ``set_keep_rate(r)`` / ``keep_rate``: settable while training (schedules).
       - ``layerwise`` / ``set_layerwise``: Evo-ViT's selection mode; None for reducers without one.
       - ``tracing`` / ``set_tracing``: record the costlier selections the pictures need.
@@ -105,6 +107,11 @@ class TokenReducer(nn.Module):
     def head(self, vit: nn.Module, x: torch.Tensor, state: Optional[State], pre_logits: bool = False):
         """Logits from ``features``' tokens (timm's pooling, head norm and classifier)."""
         return vit.forward_head(x, pre_logits=pre_logits)
+
+    def training_losses(self, state: State) -> Dict[str, torch.Tensor]:
+        """Extra terms of the training objective from this forward's ``state``, already weighted,
+        by name (logged as ``train/loss_<name>``); none for a reducer without learned parts."""
+        return {}
 
     def extra_repr(self) -> str:
         return f"keep_rate={self._keep_rate}"
