@@ -133,6 +133,7 @@ RECIPES = {
     "digits_quick": dict(params=2_712_010, reducer=None, batch=64, epochs=5, ema=None, teacher=None, schedule=None),
     "evit_digits": dict(params=2_712_010, reducer="EViT", batch=64, epochs=30, ema=None, teacher=None,
                         schedule=(0.7, 5, 10, None)),
+    "ats_digits": dict(params=2_712_010, reducer="ATS", batch=64, epochs=30, ema=None, teacher=None, schedule=None),
 }
 
 

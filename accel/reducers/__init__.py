@@ -1,5 +1,6 @@
 """Token-reduction strategies behind one interface (see base.TokenReducer), the typed records of
 what they decided (selection), and the surface of every token-reducing network (protocol)."""
+from accel.reducers.ats import ATS
 from accel.reducers.base import TokenReducer, check_keep_rate
 from accel.reducers.evit import EViT
 from accel.reducers.evo import EvoViT
@@ -7,5 +8,5 @@ from accel.reducers.protocol import TokenReducingNet
 from accel.reducers.selection import KeptTokens, MergedTokens, Selection, SlowFastTokens
 from accel.reducers.tome import ToMe
 
-__all__ = ["TokenReducer", "check_keep_rate", "EViT", "EvoViT", "ToMe", "TokenReducingNet", "Selection",
+__all__ = ["TokenReducer", "check_keep_rate", "ATS", "EViT", "EvoViT", "ToMe", "TokenReducingNet", "Selection",
            "KeptTokens", "SlowFastTokens", "MergedTokens"]

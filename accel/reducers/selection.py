@@ -2,7 +2,7 @@
 
 Each kind of decision has its own dataclass, so that logging and pictures dispatch on the type:
 
-* ``KeptTokens``: a subset of the image tokens was kept by score (EViT, Top-K);
+* ``KeptTokens``: a subset of the image tokens was kept by score (EViT, Top-K, ATS);
 * ``SlowFastTokens``: the tokens were ranked by global class attention and the top ones took the slow
   path, the others waited as placeholders (Evo-ViT, Evo-LeViT);
 * ``MergedTokens``: tokens were merged into groups (ToMe).
@@ -34,11 +34,16 @@ class KeptTokens(Selection):
 
     ``kept`` [B, k]: patch index of each kept token in descending score order (-1: EViT's fused
     token from an earlier block); ``scores`` [B, n]: the head-mean [CLS] attention of every image
-    token the block scored; ``source_index`` [B, n]: the patch index of each scored token."""
+    token the block scored; ``source_index`` [B, n]: the patch index of each scored token.
+
+    Methods that keep a different number of tokens per image (ATS) pad ``kept`` to the batch's
+    longest row: ``valid`` [B, k] is False at padding (whose ``kept`` and ``source_index`` are -1),
+    None when every row is full. ATS keeps in ascending order of its significance scores."""
 
     kept: torch.Tensor
     scores: torch.Tensor
     source_index: torch.Tensor
+    valid: Optional[torch.Tensor] = None
 
 
 @dataclass(frozen=True, eq=False)
