@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import pytorch_lightning as pl
 import torch
@@ -24,6 +24,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from accel.backbones.reduced_vit import ReducedViT
 from accel.errors import UserInputError
 from accel.heads import Distillable, Heads
+from accel.param_groups import freeze_backbone, freeze_parameters, split_backbone_and_reducer, zero_backbone_lr
 from accel.reducers.base import TokenReducer
 from accel.reducers.protocol import TokenReducingNet
 from accel.reducers.selection import Selection
@@ -54,6 +55,12 @@ class ImageClassifier(pl.LightningModule):
     ``set_tracing`` serve pictures; ``set_distillation`` registers a teacher; ``set_test_prefix``
     names what ``trainer.test`` evaluates.
 
+    Learned reducers' recipes (``accel.param_groups``): ``backbone_lr_scale`` multiplies the lr of
+    every parameter outside ``reducer.`` (timm's ``lr_scale`` group key; 0 freezes the backbone),
+    ``backbone_freeze_epochs`` holds the backbone at lr 0 for the first epochs, and
+    ``frozen_parameters`` names parameters that are never trained (DynamicViT: 0.01, 5,
+    ``[cls_token, pos_embed]``).
+
     Training heads are read as ``accel.heads.Heads`` (``Heads.of`` adapts timm's distilled models);
     the loss is the mean of the criterion over the heads, or the registered distillation loss, plus
     the extra terms a learned reducer computes (``Heads.losses``).
@@ -74,10 +81,21 @@ class ImageClassifier(pl.LightningModule):
         mixup: Optional[Dict[str, Any]] = None,
         ema_decay: Optional[float] = None,
         agc_clip: Optional[float] = None,
+        backbone_lr_scale: float = 1.0,
+        backbone_freeze_epochs: int = 0,
+        frozen_parameters: Sequence[str] = (),
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["backbone", "reducer", "optimizer", "scheduler"])
         self.net = ReducedViT(backbone, reducer) if reducer is not None else backbone
+        # Learned reducers' recipes (accel.param_groups): frozen names, and a backbone trained slower
+        # than the reducer's parameters (scale 0: not at all), before the EMA copies the network.
+        freeze_parameters(self.net, frozen_parameters)
+        if backbone_lr_scale < 0 or backbone_freeze_epochs < 0:
+            raise UserInputError(f"module.backbone_lr_scale={backbone_lr_scale}, module.backbone_freeze_epochs="
+                                 f"{backbone_freeze_epochs}: expected values ≥ 0.")
+        if backbone_lr_scale == 0:
+            freeze_backbone(self.net)
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         mixup = dict(mixup or {})
@@ -232,6 +250,12 @@ class ImageClassifier(pl.LightningModule):
         if self.ema is not None and (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0:
             self.ema.update(self.net, step=self.global_step)
 
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        # After the scheduler's update of the previous step, before this step's update.
+        if self.current_epoch < self.hparams.backbone_freeze_epochs:
+            for optimizer in self.trainer.optimizers:
+                zero_backbone_lr(optimizer)
+
     def on_train_epoch_start(self) -> None:
         self._epoch_start, self._epoch_images = time.perf_counter(), 0
 
@@ -300,6 +324,10 @@ class ImageClassifier(pl.LightningModule):
             optimizer = create_optimizer_v2(self.net, opt="adamw", lr=lr, weight_decay=0.05)
         else:
             optimizer = self.optimizer_factory(self.net, lr=lr)
+        hp = self.hparams
+        if hp.backbone_lr_scale not in (0, 1) or hp.backbone_freeze_epochs:
+            split_backbone_and_reducer(optimizer, self.net, hp.backbone_lr_scale,
+                                       apply_scale=self.scheduler_factory is None)
         if self.scheduler_factory is None:
             return optimizer
         total = max(int(self.trainer.estimated_stepping_batches), 1)
