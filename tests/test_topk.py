@@ -1,5 +1,7 @@
 """Top-K pruning (accel/reducers/topk.py + conf/reducer/topk.yaml): the fourth reducer, added as one
-file and one yaml. It keeps the right number of tokens and equals EViT without fusion."""
+file and one yaml. It keeps Haurum et al.'s cumulative count of tokens and, with EViT's count
+(cumulative=False), equals EViT without fusion. Its parity with Haurum et al.'s code is in
+test_reference_parity_haurum.py."""
 import pytest
 import timm
 import torch
@@ -13,7 +15,7 @@ from pipeline import instantiate
 
 
 def test_config_keeps_the_right_count_per_block(tmp_path):
-    """reducer=topk on the default model (16 image tokens, 6 blocks): half kept at blocks 1 and 3."""
+    """reducer=topk on the default model (16 image tokens, 6 blocks): int(16·kr^(s+1)) kept at blocks 1 and 3."""
     cfg = make_cfg(tmp_path, ["reducer=topk", "reducer.locations=[1,3]", "keep_rate=0.5"])
     net = instantiate(cfg.module).net.eval()
     assert isinstance(net.reducer, TopK) and net.keep_rate == 0.5
@@ -28,9 +30,20 @@ def test_config_keeps_the_right_count_per_block(tmp_path):
     counts.clear()
     with torch.no_grad():
         net(torch.randn(2, 3, 32, 32))
-    assert counts == [17, 13, 13, 10, 10, 10]           # ceil(.75·16) = 12, ceil(.75·12) = 9
+    assert counts == [17, 13, 13, 10, 10, 10]           # int(16·.75) = 12, int(16·.75²) = 9
     for h in hooks:
         h.remove()
+
+
+def test_counts_are_haurum_et_al_s_cumulative_ones_or_evit_s():
+    """DeiT-S at keep rate 0.7: int(196·.7^(s+1)) = 137, 96, 67 (Haurum et al.'s train.py), not EViT's
+    ceil(kr·n) = 138, 97, 68."""
+    vit = timm.create_model("deit_tiny_patch16_224", depth=10)
+    cumulative, evit_rule = TopK(0.7), TopK(0.7, cumulative=False)
+    for reducer in (cumulative, evit_rule):
+        with_reducer(vit, reducer)
+    assert [cumulative.kept_count(i, n) for i, n in [(3, 196), (6, 137), (9, 96)]] == [137, 96, 67]
+    assert [evit_rule.kept_count(i, n) for i, n in [(3, 196), (6, 138), (9, 97)]] == [138, 97, 68]
 
 
 @pytest.mark.parametrize("name", ["deit_tiny_patch16_224", "deit_tiny_distilled_patch16_224"])
@@ -38,7 +51,7 @@ def test_equals_evit_without_fusion(name):
     torch.manual_seed(0)
     vit = timm.create_model(name, img_size=64, patch_size=8, depth=6).eval()
     images = torch.randn(2, 3, 64, 64)
-    topk = with_reducer(vit, TopK(0.6, locations=(1, 3))).eval()
+    topk = with_reducer(vit, TopK(0.6, locations=(1, 3), cumulative=False)).eval()
     evit = with_reducer(vit, EViT(0.6, (1, 3), fuse_token=False)).eval()
     with torch.no_grad():
         assert torch.equal(topk(images), evit(images))

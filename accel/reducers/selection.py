@@ -5,7 +5,9 @@ Each kind of decision has its own dataclass, so that logging and pictures dispat
 * ``KeptTokens``: a subset of the image tokens was kept by score (EViT, Top-K, ATS);
 * ``SlowFastTokens``: the tokens were ranked by global class attention and the top ones took the slow
   path, the others waited as placeholders (Evo-ViT, Evo-LeViT);
-* ``MergedTokens``: tokens were merged into groups (ToMe).
+* ``MergedTokens``: tokens were merged into groups (ToMe);
+* ``ClusteredTokens``: the image tokens were replaced by one token per cluster (K-Medoids, DPC-KNN,
+  PatchMerger).
 
 Patch indices count the tokens of ``grid`` (row-major, without prefix tokens): the input patch grid
 for ViTs, the current stage's grid for pyramids (Evo-LeViT). Tensors are detached.
@@ -70,3 +72,18 @@ class MergedTokens(Selection):
     size: torch.Tensor
     source: Optional[torch.Tensor]
     num_prefix: int
+
+
+@dataclass(frozen=True, eq=False)
+class ClusteredTokens(Selection):
+    """Token clustering (Haurum et al., ICCV-W 2023, Sec. 3: K-Medoids, DPC-KNN, PatchMerger): the block's
+    image tokens were replaced by one token per cluster.
+
+    ``token_cluster`` [B, n]: the cluster (output token) of each input image token (PatchMerger: the query
+    that weighs it most); ``centers`` [B, K] or None: the input token each cluster is centred on
+    (K-Medoids' medoids, DPC-KNN's density peaks; None for PatchMerger); ``assignment`` [B, P]: the output
+    token that now holds each patch of ``grid``."""
+
+    token_cluster: torch.Tensor
+    centers: Optional[torch.Tensor]
+    assignment: torch.Tensor
