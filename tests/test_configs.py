@@ -134,6 +134,11 @@ RECIPES = {
     "evit_digits": dict(params=2_712_010, reducer="EViT", batch=64, epochs=30, ema=None, teacher=None,
                         schedule=(0.7, 5, 10, None)),
     "ats_digits": dict(params=2_712_010, reducer="ATS", batch=64, epochs=30, ema=None, teacher=None, schedule=None),
+    # DiffRate's search: the network plus 2 × 49 kept-number logits per block 1..11 (only those train).
+    "diffrate_deit_s_search": dict(params=22_051_742, reducer="DiffRate", batch=1024, epochs=3, ema=None,
+                                   teacher=None, schedule=None),
+    "diffrate_digits": dict(params=2_712_170, reducer="DiffRate", batch=64, epochs=30, ema=None, teacher=None,
+                            schedule=None),
 }
 
 

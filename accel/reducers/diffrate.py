@@ -71,9 +71,10 @@ def kept_number(logits: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         return ceil_ste(torch.matmul(candidates, logits.float().softmax(dim=-1))) + 1
 
 
-def schedule_from_logits(prune_logits: torch.Tensor, merge_logits: torch.Tensor, candidates: torch.Tensor) -> Schedule:
+def schedule_from_logits(prune_logits: Sequence[torch.Tensor], merge_logits: Sequence[torch.Tensor],
+                         candidates: torch.Tensor) -> Schedule:
     """The fixed schedule (prune, merge kept numbers per block, [CLS] included) that searched logits
-    [depth - 1, candidates] give; block 0 keeps everything."""
+    (one vector over the candidates per block 1..depth-1) give; block 0 keeps everything."""
     full = int(candidates[0]) + 1
     with torch.no_grad():
         prune = [full] + [int(kept_number(row, candidates)) for row in prune_logits]
@@ -101,6 +102,24 @@ def gflops(embed_dim: int, patch_size: Sequence[int], num_classes: int, num_patc
     return flops / 1e9
 
 
+def schedule_from_state_dict(state_dict: Dict[str, torch.Tensor]) -> Tuple[List[int], List[int], float]:
+    """(prune, merge, GFLOPs): the schedule a searched network's state dict holds (timm keys plus
+    ``reducer.candidates`` and ``reducer.{prune,merge}_logits.<i>``; ``accel.checkpoint.read_state_dict``
+    of a run's checkpoint)."""
+    if "reducer.candidates" not in state_dict:
+        raise UserInputError("This checkpoint holds no DiffRate search (no reducer.candidates); expected one "
+                             "written by a run with reducer=diffrate reducer.search=true.")
+    blocks = sum(1 for k in state_dict if k.startswith("reducer.prune_logits."))
+    candidates = state_dict["reducer.candidates"].float()
+    prune, merge = schedule_from_logits([state_dict[f"reducer.prune_logits.{i}"] for i in range(blocks)],
+                                        [state_dict[f"reducer.merge_logits.{i}"] for i in range(blocks)], candidates)
+    embed_dim = state_dict["pos_embed"].shape[-1]
+    patch = tuple(state_dict["patch_embed.proj.weight"].shape[-2:])
+    num_classes = state_dict["head.weight"].shape[0] if "head.weight" in state_dict else 0
+    cost = gflops(embed_dim, patch, num_classes, int(candidates[0]), zip(prune, merge))
+    return prune, merge, float(cost)
+
+
 def _check_schedule(name: str, values, depth: int, least: int) -> List[int]:
     values = [int(v) for v in values]
     if len(values) != depth or min(values) < least:
@@ -116,7 +135,8 @@ class DiffRate(TokenReducer):
         prune: kept numbers after pruning, one per block, [CLS] included (``compression_rate.json``'s
             ``prune_kept_num``); required unless ``search``.
         merge: kept numbers after merging, likewise (``merge_kept_num``).
-        search: learn the kept numbers (θ under ``reducer.prune_logits`` / ``reducer.merge_logits``):
+        search: learn the kept numbers (θ under ``reducer.prune_logits.<i>`` / ``reducer.merge_logits.<i>``,
+            i = 0 for block 1):
             training forwards are the differentiable search, eval forwards use the current θ.
         granularity: gap between candidate kept numbers (their ``--granularity``, 4).
         target_flops: the search target in GFLOPs (their ``--target_flops``); None: ``keep_rate`` of the
@@ -200,8 +220,10 @@ class DiffRate(TokenReducer):
         # the candidates (they descend), so the cumulative sum at its last index, added in their order.
         t = torch.arange(self.num_patches + 1, dtype=torch.float32)
         self.register_buffer("cover_last", ((candidates[None] + 1 > t[:, None]).sum(1) - 1), persistent=False)
-        self.prune_logits = nn.Parameter(torch.zeros(self.depth - 1, len(candidates)))
-        self.merge_logits = nn.Parameter(torch.zeros(self.depth - 1, len(candidates)))
+        # One vector per block 1.. (block 0 never compresses), 1-D as theirs: timm's optimizer factory then
+        # leaves them out of weight decay, as their AdamW(weight_decay=0).
+        self.prune_logits = nn.ParameterList([torch.zeros(len(candidates)) for _ in range(self.depth - 1)])
+        self.merge_logits = nn.ParameterList([torch.zeros(len(candidates)) for _ in range(self.depth - 1)])
 
     # --- the schedule ------------------------------------------------------------------------------------------
     def export(self) -> Schedule:
@@ -209,7 +231,7 @@ class DiffRate(TokenReducer):
         or the one the current θ gives (the config takes it back as ``reducer.prune=… reducer.merge=…``)."""
         if not self.search:
             return list(self._prune), list(self._merge)
-        key = (self.prune_logits._version, self.merge_logits._version)
+        key = tuple(p._version for p in (*self.prune_logits, *self.merge_logits))
         if self._cached is None or self._cached[0] != key:   # one read-back per θ update, not per forward
             self._cached = (key, schedule_from_logits(self.prune_logits, self.merge_logits, self.candidates))
         prune, merge = self._cached[1]
