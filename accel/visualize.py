@@ -1,18 +1,71 @@
 """Pictures of what a token reducer did, for logging and for scripts/visualize_tokens.py.
 
-One row per image: the input, then one panel per reducing block — EViT: dropped patches dimmed;
-Evo-ViT: global class attention as a heat map with the kept patches outlined; ToMe: patches coloured
-by the merged token that holds them. Dispatches on the type of each selection
-(``accel.reducers.selection``), so any ``TokenReducingNet`` can be drawn, Evo-LeViT included."""
+One row per image: the input (titled with its label and the prediction), then one panel per reducing
+block, titled with the block and how many tokens it kept or left — EViT / Top-K: dropped patches
+dimmed; Evo-ViT: global class attention as a heat map with the fast tokens dimmed; ToMe: patches
+coloured by the merged token that holds them. A legend under the panels says what the dimming,
+the heat map and the colours mean.
+
+Drawing dispatches on the type of each selection (``accel.reducers.selection``) through ``STYLES``:
+a new kind of selection adds one function decorated with ``@draws(Kind, legend entries)``.
+"""
 from __future__ import annotations
 
-from typing import List, Sequence
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Type
 
 import numpy as np
 import torch
 
+from accel.heads import Heads
 from accel.reducers.protocol import TokenReducingNet
 from accel.reducers.selection import KeptTokens, MergedTokens, Selection, SlowFastTokens
+
+HOT, COLD = np.array([1.0, 0.3, 0.0]), np.array([0.0, 0.2, 0.6])   # heat-map ends (high, low)
+DIM = 0.2      # brightness of a dropped patch (EViT, Top-K)
+FAST = 0.45    # brightness of a fast-path token (Evo-ViT)
+
+
+@dataclass(frozen=True)
+class Panel:
+    """One picture of a row (H, W, 3 in [0, 1]) and its title."""
+
+    image: np.ndarray
+    title: str
+
+
+#: (colours, text) of one legend entry: swatches of matplotlib colours side by side, and what they mean.
+LegendEntry = Tuple[Tuple[object, ...], str]
+#: draw(image, selection, b, memo) → Panel for image ``b``; ``memo`` is a per-image dict that lives
+#: across the blocks of one row (EViT's patches dropped so far).
+DrawFn = Callable[[np.ndarray, Selection, int, dict], Panel]
+
+
+@dataclass(frozen=True)
+class Style:
+    draw: DrawFn
+    legend: Tuple[LegendEntry, ...]
+
+
+STYLES: Dict[Type[Selection], Style] = {}
+
+
+def draws(kind: Type[Selection], *legend: LegendEntry) -> Callable[[DrawFn], DrawFn]:
+    """Register ``fn`` as the panel of selections of type ``kind`` (and its subclasses), with the
+    legend entries that explain it."""
+    def register(fn: DrawFn) -> DrawFn:
+        STYLES[kind] = Style(fn, tuple(legend))
+        return fn
+    return register
+
+
+def style_of(kind: Type[Selection]) -> Style:
+    """The registered style of ``kind`` or of its nearest registered base class."""
+    for k in kind.__mro__:
+        if k in STYLES:
+            return STYLES[k]
+    raise TypeError(f"No picture for a {kind.__name__}; expected one of "
+                    f"{', '.join(k.__name__ for k in STYLES)} (register one with accel.visualize.draws).")
 
 
 def patch_mask_to_image(mask: np.ndarray, grid: Sequence[int], size: Sequence[int]) -> np.ndarray:
@@ -30,65 +83,101 @@ def _kept_mask(kept: torch.Tensor, n: int) -> np.ndarray:
     return mask
 
 
-def _slow_fast_panel(img: np.ndarray, entry: SlowFastTokens, b: int) -> np.ndarray:
-    """Global class attention as a heat map, the slow tokens outlined by brightness."""
+@draws(KeptTokens, (((DIM,) * 3,), "dimmed: patches dropped at this block or before (EViT fuses them into one token)"))
+def _kept_panel(img: np.ndarray, entry: KeptTokens, b: int, memo: dict) -> Panel:
+    """The patches still present bright, those dropped here or at an earlier block dimmed."""
+    n = entry.grid[0] * entry.grid[1]
+    alive = memo.setdefault(("alive", entry.grid), np.ones(n, dtype=bool))
+    alive &= _kept_mask(entry.kept[b], n)
+    bright = patch_mask_to_image(alive.astype(float), entry.grid, img.shape[:2])[..., None]
+    return Panel(img * (DIM + (1 - DIM) * bright), f"block {entry.block}: {int(alive.sum())}/{n} kept")
+
+
+@draws(SlowFastTokens, ((tuple(HOT), tuple(COLD)), "heat map: global class attention, high … low"),
+       (((FAST,) * 3,), "dimmed: fast tokens (only the slow ones run the block)"))
+def _slow_fast_panel(img: np.ndarray, entry: SlowFastTokens, b: int, memo: dict) -> Panel:
+    """Global class attention as a heat map, the fast tokens dimmed."""
     n, size = entry.grid[0] * entry.grid[1], img.shape[:2]
     heat = np.zeros(n)
     heat[entry.source_index[b].cpu().numpy()] = entry.global_attention[b].float().cpu().numpy()
     heat = (heat - heat.min()) / (np.ptp(heat) + 1e-12)
     hm = patch_mask_to_image(heat, entry.grid, size)[..., None]
-    kept = patch_mask_to_image(_kept_mask(entry.kept[b], n).astype(float), entry.grid, size)[..., None]
-    panel = 0.5 * img + 0.5 * hm * np.array([1.0, 0.3, 0.0]) + 0.5 * (1 - hm) * np.array([0.0, 0.2, 0.6])
-    return np.clip(panel * (0.45 + 0.55 * kept), 0, 1)
+    slow = _kept_mask(entry.kept[b], n)
+    bright = patch_mask_to_image(slow.astype(float), entry.grid, size)[..., None]
+    panel = 0.5 * img + 0.5 * hm * HOT + 0.5 * (1 - hm) * COLD
+    return Panel(np.clip(panel * (FAST + (1 - FAST) * bright), 0, 1),
+                 f"block {entry.block}: {int(slow.sum())}/{n} slow")
 
 
-def _merged_panel(img: np.ndarray, entry: MergedTokens, b: int) -> np.ndarray:
+@draws(MergedTokens, (("tab:purple", "tab:olive", "tab:cyan"), "colours: patches merged into one token share a colour"))
+def _merged_panel(img: np.ndarray, entry: MergedTokens, b: int, memo: dict) -> Panel:
     """Each patch coloured by the merged token that holds it (needs the traced ``source``)."""
+    if entry.source is None:
+        raise ValueError(f"MergedTokens of block {entry.block} has no source; trace the forward "
+                         "(net.set_tracing(True)) to draw merge groups.")
     source = entry.source[b].float().cpu().numpy()[:, entry.num_prefix:]   # [tokens, patches]
     owner = source.argmax(axis=0)
     colours = np.random.default_rng(0).uniform(0.15, 1.0, size=(source.shape[0], 3))
     big = patch_mask_to_image(colours[owner], entry.grid, img.shape[:2])
-    return np.clip(0.5 * img + 0.5 * big, 0, 1)
+    left = source.shape[0] - entry.num_prefix    # image tokens after this block's merges
+    return Panel(np.clip(0.5 * img + 0.5 * big, 0, 1), f"block {entry.block}: {left}/{source.shape[1]} left")
 
 
-def panels(images: np.ndarray, selections: Sequence[Selection]) -> List[List[np.ndarray]]:
-    """RGB panels (H, W, 3 in [0, 1]) per image: the image, then one per selection — kept tokens
-    (EViT, Top-K): the patches still present dimmed in; slow-fast (Evo-ViT): global class attention
-    with the slow tokens bright; merged (ToMe): merge groups in colours."""
+def panels(images: np.ndarray, selections: Sequence[Selection],
+           captions: Optional[Sequence[str]] = None) -> List[List[Panel]]:
+    """Panels per image: the image (titled ``captions[b]``, or "input"), then one per selection,
+    drawn by the style registered for its type."""
     rows = []
     for b, img in enumerate(images):
-        row = [img]
-        alive = {}  # per grid: the patches no kept-token selection has dropped so far
-        for entry in selections:
-            if isinstance(entry, SlowFastTokens):
-                row.append(_slow_fast_panel(img, entry, b))
-            elif isinstance(entry, MergedTokens):
-                if entry.source is None:
-                    raise ValueError(f"MergedTokens of block {entry.block} has no source; trace the forward "
-                                     "(net.set_tracing(True)) to draw merge groups.")
-                row.append(_merged_panel(img, entry, b))
-            elif isinstance(entry, KeptTokens):
-                n = entry.grid[0] * entry.grid[1]
-                mask = alive.setdefault(entry.grid, np.ones(n, dtype=bool))
-                mask &= _kept_mask(entry.kept[b], n)
-                dim = patch_mask_to_image(mask.astype(float), entry.grid, img.shape[:2])[..., None]
-                row.append(img * (0.2 + 0.8 * dim))
-            else:
-                raise TypeError(f"No picture for a {type(entry).__name__}; expected KeptTokens, SlowFastTokens "
-                                "or MergedTokens.")
+        memo: dict = {}
+        row = [Panel(img, captions[b] if captions else "input")]
+        row += [style_of(type(entry)).draw(img, entry, b, memo) for entry in selections]
         rows.append(row)
     return rows
 
 
-def grid_image(rows: List[List[np.ndarray]], pad: int = 2) -> np.ndarray:
-    """Panels laid out as one uint8 image (rows = images, columns = stages)."""
-    h, w = rows[0][0].shape[:2]
+def legend_entries(selections: Sequence[Selection]) -> List[LegendEntry]:
+    """What the panels of these selections mean, once per kind, in the order they appear."""
+    kinds = dict.fromkeys(type(s) for s in selections)
+    return [e for kind in kinds for e in dict.fromkeys(style_of(kind).legend)]
+
+
+def figure(rows: List[List[Panel]], legend: Sequence[LegendEntry] = (), title: str = "", panel_inches: float = 1.6):
+    """The panels as a matplotlib Figure: rows = images, columns = the input and each reducing block,
+    every panel titled, the legend under them."""
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+    from matplotlib.legend_handler import HandlerTuple
+    from matplotlib.patches import Patch
+
     cols = max(len(r) for r in rows)
-    out = np.ones((len(rows) * (h + pad) + pad, cols * (w + pad) + pad, 3))
+    legend_rows = len(legend) if cols < 5 else (len(legend) + 1) // 2
+    fig = Figure(figsize=(max(cols, 3) * panel_inches, len(rows) * (panel_inches + 0.3) + 0.3 * legend_rows + 0.4))
+    axes = fig.subplots(len(rows), cols, squeeze=False)
     for i, row in enumerate(rows):
-        for j, p in enumerate(row):
-            out[pad + i * (h + pad): pad + i * (h + pad) + h, pad + j * (w + pad): pad + j * (w + pad) + w] = p
-    return (out * 255).round().astype(np.uint8)
+        for j in range(cols):
+            ax = axes[i][j]
+            ax.set_axis_off()
+            if j < len(row):
+                ax.imshow(row[j].image, interpolation="nearest")
+                ax.set_title(row[j].title, fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=8)
+    if legend:
+        swatches = [tuple(Patch(facecolor=c, edgecolor="black", linewidth=0.5) for c in colours) for colours, _ in legend]
+        fig.legend(swatches, [text for _, text in legend], handler_map={tuple: HandlerTuple(ndivide=None, pad=0)},
+                   loc="lower center", ncol=1 if cols < 5 else 2, fontsize=6.5, frameon=False)
+    fig.tight_layout(rect=(0, (0.3 * legend_rows + 0.15) / fig.get_figheight(), 1, 1))
+    return fig
+
+
+def to_array(fig) -> np.ndarray:
+    """A Figure drawn as an RGB uint8 array (for loggers that take images)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
 def denormalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
@@ -98,17 +187,36 @@ def denormalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) ->
     return (x * s + m).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
 
 
+def caption(name: object, prediction: object, label: object = None) -> str:
+    """A row's first title: the image's name or label and the network's prediction."""
+    if label is None:
+        return f"{name}\npred {prediction}"
+    mark = "✓" if str(label) == str(prediction) else "✗"
+    return f"label {label}, pred {prediction} {mark}"
+
+
+def selection_figure(images: np.ndarray, selections: Sequence[Selection], captions: Optional[Sequence[str]] = None,
+                     title: str = ""):
+    """Denormalised ``images`` and the selections of one forward on them, as a titled Figure."""
+    return figure(panels(images, selections, captions), legend_entries(selections), title)
+
+
 @torch.no_grad()
-def render(net: TokenReducingNet, images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+def render(net: TokenReducingNet, images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
+           names: Optional[Sequence[str]] = None, class_names: Optional[Sequence[str]] = None, title: str = ""):
     """Run ``net`` (a token-reducing network) in eval mode on normalised ``images`` and draw its
-    selections as a grid, tracing that forward so that every selection can be drawn."""
+    selections as a titled Figure (``names``: a name per image for its row; the prediction is the
+    class index, or ``class_names[index]``), tracing that forward so that every selection can be drawn."""
     was_training, was_tracing = net.training, net.tracing
     net.set_tracing(True)
     net.eval()
     try:
-        net(images)
+        pred = Heads.of(net(images)).eval_logits().argmax(-1).tolist()
         selections = net.selections
     finally:
         net.train(was_training)
         net.set_tracing(was_tracing)
-    return grid_image(panels(denormalize(images, mean, std), selections))
+    pred = [class_names[p] if class_names else p for p in pred]
+    names = names or [f"image {b}" for b in range(len(pred))]
+    return selection_figure(denormalize(images, mean, std), selections,
+                            [caption(n, p) for n, p in zip(names, pred)], title)

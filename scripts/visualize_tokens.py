@@ -6,7 +6,9 @@
         --model-args model.pretrained_path=deit_small.pth --images photos/
 
 The model comes from the run's own config (.hydra/config.yaml next to the checkpoint's run
-directory) or from Hydra overrides; images are resized and centre-cropped as for validation."""
+directory) or from Hydra overrides; images are resized and centre-cropped as for validation. Each row
+is titled with the file name and the prediction (ImageNet-1k's class names for 1000 classes), each
+block's panel with the tokens kept or left; a legend explains the colours."""
 from __future__ import annotations
 
 import argparse
@@ -17,8 +19,7 @@ os.environ.setdefault("PROJECT_ROOT", ROOT)
 
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
-from PIL import Image  # noqa: E402
-from timm.data import create_transform  # noqa: E402
+from timm.data import ImageNetInfo, create_transform  # noqa: E402
 
 from accel.checkpoint import read_state_dict  # noqa: E402
 from accel.errors import UserInputError, run_cli  # noqa: E402
@@ -72,9 +73,18 @@ def main(argv=None) -> str:
     std = tuple(cfg.data.get("std") or (DIGITS_STD if digits else IMAGENET_STD))
     tf = create_transform(cfg.data.image_size, is_training=False, crop_pct=cfg.data.get("crop_pct") or (1.0 if digits else 0.875),
                           interpolation="bicubic", mean=mean, std=std)
-    images = torch.stack([tf(load_rgb(f)) for f in files[: args.num_images]])
-    Image.fromarray(render(net, images, mean, std)).save(args.out)
-    print(f"wrote {args.out} ({len(images)} images, rows) — columns: input, then each reducing block")
+    files = files[: args.num_images]
+    images = torch.stack([tf(load_rgb(f)) for f in files])
+    class_names = None
+    if cfg.data.num_classes == 1000:
+        info = ImageNetInfo()
+        class_names = [info.index_to_description(i).split(",")[0] for i in range(1000)]
+    fig = render(net, images, mean, std, names=[os.path.basename(f) for f in files], class_names=class_names,
+                 title=f"keep rate {net.keep_rate:g}")
+    fig.savefig(args.out)
+    blocks = [ax.get_title().split(":")[0] for ax in fig.axes[1:len(fig.axes) // len(files)]]
+    print(f"wrote {args.out}: {len(files)} images ({', '.join(map(os.path.basename, files))}), "
+          f"columns: {', '.join(['input', *blocks])}")
     return args.out
 
 
