@@ -49,6 +49,8 @@ class TokenReducer(nn.Module):
 
     #: Evo-ViT's selection mode (Sec. 3.4); None: this reducer has none (see ``set_layerwise``).
     layerwise: Optional[bool] = None
+    #: The method's name as papers write it, for plots and tables ("Evo-ViT"); None: the class name.
+    label: Optional[str] = None
 
     def __init__(self, keep_rate: float = 1.0, explicit_attention: bool = False) -> None:
         super().__init__()
