@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Protocol, Sequence, Tuple
 
 import pytorch_lightning as pl
 import torch
@@ -29,8 +29,19 @@ from accel.reducers.base import TokenReducer
 from accel.reducers.protocol import TokenReducingNet
 from accel.reducers.selection import Selection
 
-#: ``loss(heads, teacher_logits, targets, criterion)`` → (total loss, named parts to log).
-DistillationLoss = Callable[[Heads, torch.Tensor, torch.Tensor, nn.Module], Tuple[torch.Tensor, Dict[str, torch.Tensor]]]
+class DistillationLoss(Protocol):
+    """``loss(heads, teacher, targets, criterion)`` → (total loss, named parts to log), with the
+    student's training ``heads`` and the teacher's output read as ``Heads`` (``teacher.main``: its
+    logits; ``teacher.tokens``: its final image tokens, for a teacher that returns them).
+    ``uses_dist_head``: the student must return its distillation head apart (DeiT's loss; a loss
+    without the attribute is taken to need it); false for losses on the class head alone."""
+
+    def __call__(self, heads: Heads, teacher: Heads, targets: torch.Tensor,
+                 criterion: nn.Module) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]: ...
+
+
+def _uses_dist_head(loss: DistillationLoss) -> bool:
+    return getattr(loss, "uses_dist_head", True)
 
 
 class Teacher(NamedTuple):
@@ -188,23 +199,26 @@ class ImageClassifier(pl.LightningModule):
 
     # --- distillation -------------------------------------------------------------------------
     def set_distillation(self, teacher: Optional[nn.Module], loss: Optional[DistillationLoss] = None) -> None:
-        """Train against ``teacher`` with ``loss(heads, teacher_logits, targets, criterion)``, the
-        network returning its distillation head apart (``Heads.dist``); ``None`` stops distilling.
+        """Train against ``teacher`` with ``loss(heads, teacher, targets, criterion)`` (see
+        ``DistillationLoss``), the network returning its distillation head apart (``Heads.dist``)
+        when the loss uses it; ``None`` stops distilling.
 
         The teacher is kept frozen and in eval mode, outside the module's parameters and state dict."""
         if teacher is None:
-            if self.distillation is not None:
+            if self.distillation is not None and _uses_dist_head(self.distillation.loss):
                 for net in self._networks():
                     net.set_distilled_training(False)
             self.distillation = None
             return
         if loss is None:
             raise ValueError("set_distillation needs the distillation loss with the teacher.")
-        if not isinstance(self.net, Distillable):
-            raise UserInputError(f"Distillation needs a student with a distillation head, but {type(self.net).__name__} "
-                                 "has none; use a distilled model (e.g. model=deit_s_distilled).")
-        for net in self._networks():
-            net.set_distilled_training(True)
+        if _uses_dist_head(loss):
+            if not isinstance(self.net, Distillable):
+                raise UserInputError(f"Distillation needs a student with a distillation head, but "
+                                     f"{type(self.net).__name__} has none; use a distilled model (e.g. "
+                                     "model=deit_s_distilled).")
+            for net in self._networks():
+                net.set_distilled_training(True)
         self.distillation = Teacher(teacher.requires_grad_(False).eval(), loss)
 
     # --- training ---------------------------------------------------------------------------
@@ -222,8 +236,8 @@ class ImageClassifier(pl.LightningModule):
         if self.distillation is not None:
             teacher = self.distillation.model.to(images.device)
             with torch.no_grad():
-                teacher_logits = teacher(images).float()
-            loss, parts = self.distillation.loss(heads, teacher_logits, targets, self.criterion)
+                teacher_out = Heads.of(teacher(images))
+            loss, parts = self.distillation.loss(heads, teacher_out, targets, self.criterion)
             self.log_dict(parts, on_step=True, on_epoch=True, batch_size=images.shape[0])
         else:
             loss = self.loss(heads, targets)

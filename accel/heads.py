@@ -35,6 +35,12 @@ class Heads:
     ``losses``: extra terms of the training objective that the network itself computes (a learned
     reducer's ratio or FLOPs target, ``TokenReducer.training_losses``), already weighted and named
     for logging; the module adds them to the loss of the heads.
+    ``tokens``: the final image tokens after the last norm [B, n, C], for losses that distil tokens
+    (DynamicViT, Rao et al., NeurIPS 2021, Sec. 3.4: the student's and the teacher's); None when the
+    network does not return them.
+    ``token_keep``: [B, n], 1 for each of ``tokens`` still kept at the end and 0 for one dropped
+    (DynamicViT's final decision in training, where dropped tokens stay in place but masked); None:
+    every token counts.
     """
 
     main: torch.Tensor
@@ -42,6 +48,8 @@ class Heads:
     aux_cls: Optional[torch.Tensor] = None
     aux_dist: Optional[torch.Tensor] = None
     losses: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    tokens: Optional[torch.Tensor] = None
+    token_keep: Optional[torch.Tensor] = None
 
     def __post_init__(self) -> None:
         # Distillation pairs each class head with a distillation head: both auxiliary heads or neither
@@ -78,7 +86,8 @@ class Heads:
     def averaged(self) -> "Heads":
         """Each class head averaged with its distillation head: what a distilled network trains on
         without a teacher (timm's distilled models outside distilled training, Evo-LeViT)."""
-        return Heads(_mean(self.main, self.dist), aux_cls=_mean(self.aux_cls, self.aux_dist), losses=self.losses)
+        return Heads(_mean(self.main, self.dist), aux_cls=_mean(self.aux_cls, self.aux_dist), losses=self.losses,
+                     tokens=self.tokens, token_keep=self.token_keep)
 
     def with_losses(self, losses: Mapping[str, torch.Tensor]) -> "Heads":
         """These heads with ``losses`` added to the extra loss terms (a name may appear only once)."""
@@ -86,6 +95,10 @@ class Heads:
         if clash:
             raise ValueError(f"Extra loss terms named twice: {sorted(clash)}.")
         return replace(self, losses={**self.losses, **losses})
+
+    def with_tokens(self, tokens: torch.Tensor, token_keep: Optional[torch.Tensor] = None) -> "Heads":
+        """These heads with the final image tokens (and which of them are kept) for token distillation."""
+        return replace(self, tokens=tokens, token_keep=token_keep)
 
     def eval_logits(self) -> torch.Tensor:
         """The logits at evaluation: the class head, averaged with the distillation head where there
