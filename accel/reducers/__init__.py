@@ -4,6 +4,7 @@ from accel.reducers.ats import ATS
 from accel.reducers.base import TokenReducer, check_keep_rate
 from accel.reducers.diffrate import DiffRate
 from accel.reducers.dpcknn import DPCKNN
+from accel.reducers.dynamicvit import DynamicViT
 from accel.reducers.evit import EViT
 from accel.reducers.evo import EvoViT
 from accel.reducers.kmedoids import KMedoids
@@ -17,3 +18,4 @@ __all__ = ["TokenReducer", "check_keep_rate", "ATS", "EViT", "EvoViT", "ToMe", "
            "KeptTokens", "SlowFastTokens", "MergedTokens", "TopK", "KMedoids", "DPCKNN", "PatchMerger",
            "ClusteredTokens"]
 __all__ += ["DiffRate"]
+__all__ += ["DynamicViT"]
