@@ -129,8 +129,8 @@ def test_configs_compose_to_the_recipes(tmp_path):
     m = cfg.module
     assert (m.lr, m.lr_base_batch, m.backbone_lr_scale, m.backbone_freeze_epochs) == (1e-3, 1024, 0.01, 5)
     assert list(m.frozen_parameters) == ["cls_token", "pos_embed"] and cfg.trainer.max_epochs == 30
-    callback = instantiate(cfg.callbacks.distillation)
-    assert isinstance(callback.loss, DynamicViTDistillationLoss) and callback.teacher_path == "/w.pth"
+    assert cfg.callbacks.distillation.teacher_module == cfg.model    # the pretrained DeiT-S the student starts from
+    assert isinstance(instantiate(cfg.callbacks.distillation.loss), DynamicViTDistillationLoss)
     cfg = make_cfg(tmp_path, ["experiment=dynamicvit_digits", "++model.depth=6", "++model.embed_dim=32",
                               "++model.num_heads=2"])
     module = instantiate(cfg.module)
@@ -138,3 +138,27 @@ def test_configs_compose_to_the_recipes(tmp_path):
     with torch.no_grad():
         module.net.eval()(torch.randn(1, 3, cfg.data.image_size, cfg.data.image_size))
     assert [s.kept.shape[1] for s in module.selections] == [11, 7, 5]
+
+
+def test_an_image_with_every_token_dropped_stays_finite(monkeypatch):
+    # The authors' predictor divides by the kept count, 0 here: NaN for that image, and for the batch's loss.
+    def drop_all_of_image_0(log_probs, hard=False, **kw):
+        out = torch.zeros_like(log_probs)
+        out[..., 0] = 1.0
+        out[0, :, 0], out[0, :, 1] = 0.0, 1.0
+        return out + log_probs - log_probs.detach()   # straight-through, as F.gumbel_softmax(hard=True)
+    monkeypatch.setattr(torch.nn.functional, "gumbel_softmax", drop_all_of_image_0)
+    model = net(0.7).train()
+    heads = model(IMAGES)
+    assert heads.token_keep[0].sum() == 0 and heads.token_keep[1].sum() == 196
+    loss = heads.main.logsumexp(-1).sum() + sum(heads.losses.values())
+    loss.backward()
+    assert torch.isfinite(heads.main).all() and torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_a_stage_keeps_at_least_one_token():
+    model = net(0.1).eval()      # int(196 · 0.1^s) = 19, 1, 0: the last stage keeps its one token (no selection)
+    with torch.no_grad():
+        assert torch.isfinite(model(IMAGES)).all()
+    assert [s.kept.shape[1] for s in model.selections] == [19, 1]

@@ -28,9 +28,11 @@ Where the public code and the paper differ, this follows the code:
   token count, and the kept tokens are ordered by score, not by position;
 * the token-distillation MSE averages over tokens *and* channels (the paper normalises by tokens).
 
-One difference from the code, of O(eps): before the first location (nothing dropped yet) the authors
-also run the eps-softmax; here those blocks run timm's own attention, whose weights differ by at
-most ~1e-6 relative there, since every key is kept and the largest term is at least 1. The
+Where the code would give NaN, or differs by O(eps), this does not follow it: an image whose every
+token was dropped gets a zero global feature instead of 0/0 (NaN); a stage keeps at least one token
+at inference; and before the first location (nothing dropped yet), where the authors also run the
+eps-softmax, the blocks run timm's own attention, whose weights differ by at most ~1e-6 relative
+there (every key is kept and the largest term is at least 1). The
 authors hard-code 196 image tokens (``init_n = 14*14``); here ``n0`` is the model's own count.
 """
 from __future__ import annotations
@@ -70,8 +72,11 @@ class Predictor(nn.Module):
         local, glob = h[..., :half], h[..., half:]
         if keep is None:
             glob = glob.mean(dim=1, keepdim=True)
-        else:  # no eps, as the authors: a batch item with every token dropped gives NaN
-            glob = (glob * keep).sum(dim=1, keepdim=True) / keep.sum(dim=1, keepdim=True)
+        else:
+            # The authors divide by the count as it is: an image whose every token was dropped gets NaN
+            # (likely with few tokens: 16 of them, 3 stages, p = ½ at the start). Clamped, its global
+            # feature is 0 instead; any image with a kept token is unchanged.
+            glob = (glob * keep).sum(dim=1, keepdim=True) / keep.sum(dim=1, keepdim=True).clamp_min(1e-6)
         return self.out_conv(torch.cat([local, glob.expand(-1, h.shape[1], -1)], dim=-1))
 
 
@@ -160,7 +165,7 @@ class DynamicViT(TokenReducer):
 
     def _eval_block(self, i, stage, blk, x, state, log_probs):
         p = state["num_prefix"]
-        keep = int(state["num_patches"] * self.stage_ratio(stage))
+        keep = max(int(state["num_patches"] * self.stage_ratio(stage)), 1)
         if keep >= x.shape[1] - p:
             return self.full_block(blk, x), state
         score = log_probs[..., 0]
