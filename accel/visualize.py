@@ -2,9 +2,9 @@
 
 One row per image: the input (titled with its label and the prediction), then one panel per reducing
 block, titled with the block and how many tokens it kept or left — EViT / Top-K: dropped patches
-dimmed; Evo-ViT: global class attention as a heat map with the fast tokens dimmed; ToMe: patches
-coloured by the merged token that holds them. A legend under the panels says what the dimming,
-the heat map and the colours mean.
+dimmed; Evo-ViT: global class attention as a heat map with the fast tokens dimmed; ToMe, K-Medoids,
+DPC-KNN, PatchMerger: patches coloured by the merged or cluster token that holds them. A legend under
+the panels says what the dimming, the heat map and the colours mean.
 
 Drawing dispatches on the type of each selection (``accel.reducers.selection``) through ``STYLES``:
 a new kind of selection adds one function decorated with ``@draws(Kind, legend entries)``.
@@ -19,7 +19,7 @@ import torch
 
 from accel.heads import Heads
 from accel.reducers.protocol import TokenReducingNet
-from accel.reducers.selection import KeptTokens, MergedTokens, Selection, SlowFastTokens
+from accel.reducers.selection import ClusteredTokens, KeptTokens, MergedTokens, Selection, SlowFastTokens
 
 HOT, COLD = np.array([1.0, 0.3, 0.0]), np.array([0.0, 0.2, 0.6])   # heat-map ends (high, low)
 DIM = 0.2      # brightness of a dropped patch (EViT, Top-K)
@@ -116,11 +116,24 @@ def _merged_panel(img: np.ndarray, entry: MergedTokens, b: int, memo: dict) -> P
         raise ValueError(f"MergedTokens of block {entry.block} has no source; trace the forward "
                          "(net.set_tracing(True)) to draw merge groups.")
     source = entry.source[b].float().cpu().numpy()[:, entry.num_prefix:]   # [tokens, patches]
-    owner = source.argmax(axis=0)
-    colours = np.random.default_rng(0).uniform(0.15, 1.0, size=(source.shape[0], 3))
-    big = patch_mask_to_image(colours[owner], entry.grid, img.shape[:2])
     left = source.shape[0] - entry.num_prefix    # image tokens after this block's merges
-    return Panel(np.clip(0.5 * img + 0.5 * big, 0, 1), f"block {entry.block}: {left}/{source.shape[1]} left")
+    return Panel(_group_colours(img, source.argmax(axis=0), source.shape[0], entry.grid),
+                 f"block {entry.block}: {left}/{source.shape[1]} left")
+
+
+@draws(ClusteredTokens, (("tab:purple", "tab:olive", "tab:cyan"), "colours: patches in one cluster (one token) share a colour"))
+def _clustered_panel(img: np.ndarray, entry: ClusteredTokens, b: int, memo: dict) -> Panel:
+    """Each patch coloured by the cluster token that holds it (K-Medoids, DPC-KNN, PatchMerger)."""
+    owner = entry.assignment[b].cpu().numpy()
+    clusters = len(np.unique(owner))             # non-empty ones: a medoid or query may hold no patch
+    return Panel(_group_colours(img, owner, int(owner.max()) + 1, entry.grid),
+                 f"block {entry.block}: {clusters}/{owner.size} clusters")
+
+
+def _group_colours(img: np.ndarray, owner: np.ndarray, groups: int, grid: Sequence[int]) -> np.ndarray:
+    """``img`` tinted by a random colour per group, ``owner`` [patches] the group of each patch."""
+    colours = np.random.default_rng(0).uniform(0.15, 1.0, size=(groups, 3))
+    return np.clip(0.5 * img + 0.5 * patch_mask_to_image(colours[owner], grid, img.shape[:2]), 0, 1)
 
 
 def panels(images: np.ndarray, selections: Sequence[Selection],

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from accel.backbones import create_evo_levit, with_reducer
-from accel.reducers import EViT, EvoViT, ToMe
+from accel.reducers import DPCKNN, EViT, EvoViT, KMedoids, PatchMerger, ToMe
 from accel.reducers.topk import TopK
 
 IMG = 64
@@ -26,6 +26,9 @@ REDUCERS: Dict[str, Callable[[], nn.Module]] = {
     "tome": lambda: ToMe(r=6),
     "tome_keep_rate": lambda: ToMe(r=None, keep_rate=0.5),
     "tome_explicit": lambda: ToMe(r=6, explicit_attention=True),
+    "kmedoids": lambda: KMedoids(0.5, locations=(1, 3)),
+    "dpcknn": lambda: DPCKNN(0.5, locations=(1, 3)),
+    "patchmerger": lambda: PatchMerger(0.5, locations=(1, 3)),
 }
 
 

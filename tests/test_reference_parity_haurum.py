@@ -7,6 +7,7 @@ and depth 4, reduction before/at blocks 1 and 2, keep rate 0.7: 137 then 96 toke
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
@@ -14,6 +15,7 @@ from timm.models.vision_transformer import VisionTransformer
 from accel.backbones import with_reducer
 from accel.errors import UserInputError
 from accel.reducers import DPCKNN, ClusteredTokens, KeptTokens, KMedoids, PatchMerger, TopK
+from accel.visualize import render
 from conftest import make_cfg
 from pipeline import instantiate
 
@@ -116,3 +118,18 @@ def test_patchmerger_keep_rate_is_fixed_and_kmedoids_needs_a_previous_block():
         net.set_keep_rate(0.5)
     with pytest.raises(UserInputError, match=r"K-Medoids locations=\[0, 2\]: block 0 has no previous block"):
         with_reducer(vit, KMedoids(0.7, (0, 2)))
+
+
+def test_selection_picture_colours_each_patch_by_its_cluster():
+    """DPC-KNN puts every centre in its own cluster, so all int(64·.5) = 32, then 16 clusters hold patches;
+    a patch's cluster at the second location is the cluster of the token that held it after the first."""
+    torch.manual_seed(0)
+    vit = timm.create_model("deit_tiny_patch16_224", img_size=64, patch_size=8, depth=4, num_classes=5)
+    net = with_reducer(vit, DPCKNN(0.5, (1, 2)))
+    fig = render(net, torch.randn(2, 3, 64, 64), (0.5,) * 3, (0.5,) * 3)
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles[1:3] == titles[4:6] == ["block 1: 32/64 clusters", "block 2: 16/64 clusters"]
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["colours: patches in one cluster (one token) share a colour"]
+    first, second = net.selections
+    assert torch.equal(first.assignment, first.token_cluster)          # the first location clusters the patches
+    assert torch.equal(second.assignment, second.token_cluster.gather(1, first.assignment))
