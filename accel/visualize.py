@@ -19,7 +19,8 @@ import torch
 
 from accel.heads import Heads
 from accel.reducers.protocol import TokenReducingNet
-from accel.reducers.selection import ClusteredTokens, KeptTokens, MergedTokens, Selection, SlowFastTokens
+from accel.reducers.selection import (ClusteredTokens, KeptTokens, MergedTokens, PrunedMergedTokens, Selection,
+                                      SlowFastTokens)
 
 HOT, COLD = np.array([1.0, 0.3, 0.0]), np.array([0.0, 0.2, 0.6])   # heat-map ends (high, low)
 DIM = 0.2      # brightness of a dropped patch (EViT, Top-K)
@@ -119,6 +120,16 @@ def _merged_panel(img: np.ndarray, entry: MergedTokens, b: int, memo: dict) -> P
     left = source.shape[0] - entry.num_prefix    # image tokens after this block's merges
     return Panel(_group_colours(img, source.argmax(axis=0), source.shape[0], entry.grid),
                  f"block {entry.block}: {left}/{source.shape[1]} left")
+
+
+@draws(PrunedMergedTokens, (("tab:purple", "tab:olive", "tab:cyan"), "colours: patches merged into one token share a colour"),
+       ((DIM,) * 3, "dimmed: patches pruned at this block or before"))
+def _pruned_merged_panel(img: np.ndarray, entry: PrunedMergedTokens, b: int, memo: dict) -> Panel:
+    """DiffRate: the merge groups as ``_merged_panel`` draws them, the patches no token holds (pruned) dimmed."""
+    panel = _merged_panel(img, entry, b, memo)
+    held = (entry.source[b, :, entry.num_prefix:] > 0).any(dim=0).float().cpu().numpy()
+    return Panel(panel.image * (DIM + (1 - DIM) * patch_mask_to_image(held, entry.grid, img.shape[:2])[..., None]),
+                 panel.title)
 
 
 @draws(ClusteredTokens, (("tab:purple", "tab:olive", "tab:cyan"), "colours: patches in one cluster (one token) share a colour"))

@@ -16,7 +16,7 @@ from accel.backbones import with_reducer
 from accel.errors import UserInputError
 from accel.heads import Heads
 from accel.reducers.diffrate import DiffRate, schedule_from_state_dict
-from accel.reducers.selection import MergedTokens
+from accel.reducers.selection import PrunedMergedTokens
 from conftest import make_cfg
 
 HERE = os.path.join(os.path.dirname(__file__), "fixtures", "reference")
@@ -62,7 +62,7 @@ def test_eval_logits_sizes_and_sources_equal_the_authors(case):
     # Every block after the first compresses in these schedules: sizes and sources in the authors' order.
     assert [s.block for s in net.selections] == [1, 2, 3]
     for s in net.selections:
-        assert isinstance(s, MergedTokens)
+        assert isinstance(s, PrunedMergedTokens)
         torch.testing.assert_close(s.size[..., 0], ref["size"][s.block], atol=1e-4, rtol=0)
         assert torch.equal(s.source > 0, ref["source"][s.block])
     torch.testing.assert_close(net.reducer.gflops(), float(ref["flops"]) / 1e9, rtol=1e-6, atol=0)
@@ -140,3 +140,19 @@ def test_digits_experiment_composes_and_a_search_step_trains_the_logits(tmp_path
         assert module(images).shape == (4, 10)
     prune, merge = reducer.export()
     assert len(prune) == len(merge) == 6 and prune[0] == merge[0] == 17
+
+
+def test_picture_dims_the_pruned_patches_and_colours_the_merged_ones():
+    from accel.visualize import legend_entries, panels
+    ref = OUT["eval"]["prune_merge"]
+    net = with_reducer(vit(), DiffRate(ref["prune"], ref["merge"], trace_source=True)).eval()
+    with torch.no_grad():
+        net(MODEL["images"])
+    block1 = net.selections[0]
+    held = (block1.source[0, :, 1:] > 0).any(dim=0).reshape(14, 14)   # block 1 keeps 149 of 196 patches' tokens
+    assert 0 < int((~held).sum()) < 196
+    white = torch.ones(1, 112, 112, 3).numpy()
+    picture = panels(white, [block1])[0][1].image.reshape(14, 8, 14, 8, 3).transpose(0, 2, 1, 3, 4)   # per patch
+    assert picture[~held.numpy()].max() <= 0.2 + 1e-6 and picture[held.numpy()].min() >= 0.575 - 1e-6
+    assert [entry[1] for entry in legend_entries([block1])] == [
+        "colours: patches merged into one token share a colour", "dimmed: patches pruned at this block or before"]

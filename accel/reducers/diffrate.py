@@ -54,7 +54,7 @@ from accel.errors import UserInputError
 from accel.reducers.attention import AttnOut, attention, attn_residual, check_plain_block, mlp_residual
 from accel.reducers.base import State, TokenReducer, check_keep_rate
 from accel.reducers.masked_softmax import masked_softmax
-from accel.reducers.selection import MergedTokens
+from accel.reducers.selection import PrunedMergedTokens
 
 Schedule = Tuple[List[int], List[int]]
 
@@ -302,7 +302,7 @@ class DiffRate(TokenReducer):
         state["size"] = size
         if source is not None:
             state["source"] = source
-        self.record(state, MergedTokens(i, self.grid, size=size.detach(), source=source, num_prefix=1))
+        self.record(state, PrunedMergedTokens(i, self.grid, size=size.detach(), source=source, num_prefix=1))
         return mlp_residual(blk, x), state
 
     def _search_block(self, i: int, blk: nn.Module, x: torch.Tensor, state: State) -> Tuple[torch.Tensor, State]:

@@ -75,6 +75,13 @@ class MergedTokens(Selection):
 
 
 @dataclass(frozen=True, eq=False)
+class PrunedMergedTokens(MergedTokens):
+    """Token pruning, then merging (DiffRate, ICCV 2023, Sec. 3.2): as ``MergedTokens``, but the patches of
+    pruned tokens are held by no token any more (their ``source`` columns are zero), and ``size`` grows by
+    each merged token's similarity to its destination, so it is not a count."""
+
+
+@dataclass(frozen=True, eq=False)
 class ClusteredTokens(Selection):
     """Token clustering (Haurum et al., ICCV-W 2023, Sec. 3: K-Medoids, DPC-KNN, PatchMerger): the block's
     image tokens were replaced by one token per cluster.
