@@ -99,7 +99,8 @@ class DynamicViT(TokenReducer):
     ``locations``: the 0-based blocks whose input is pruned (DeiT: 3, 6, 9).
     ``ratio_weight``: weight of the keep-ratio loss (``train/loss_ratio``), divided by the number of
     stages as the authors' loss does.
-    The predictors are ``reducer.score_predictor.<s>.*`` (the authors' names behind ``reducer.``:
+    At inference each pruning block records ``KeptTokens`` (``scores``: the predictor's keep
+    probability of every token it scored). The predictors are ``reducer.score_predictor.<s>.*`` (the authors' names behind ``reducer.``:
     ``from_authors_state_dict`` converts their checkpoints).
     """
 
