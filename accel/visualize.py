@@ -123,7 +123,7 @@ def _merged_panel(img: np.ndarray, entry: MergedTokens, b: int, memo: dict) -> P
 
 
 @draws(PrunedMergedTokens, (("tab:purple", "tab:olive", "tab:cyan"), "colours: patches merged into one token share a colour"),
-       ((DIM,) * 3, "dimmed: patches pruned at this block or before"))
+       (((DIM,) * 3,), "dimmed: patches pruned at this block or before"))
 def _pruned_merged_panel(img: np.ndarray, entry: PrunedMergedTokens, b: int, memo: dict) -> Panel:
     """DiffRate: the merge groups as ``_merged_panel`` draws them, the patches no token holds (pruned) dimmed."""
     panel = _merged_panel(img, entry, b, memo)

@@ -143,7 +143,7 @@ def test_digits_experiment_composes_and_a_search_step_trains_the_logits(tmp_path
 
 
 def test_picture_dims_the_pruned_patches_and_colours_the_merged_ones():
-    from accel.visualize import legend_entries, panels
+    from accel.visualize import legend_entries, panels, selection_figure, to_array
     ref = OUT["eval"]["prune_merge"]
     net = with_reducer(vit(), DiffRate(ref["prune"], ref["merge"], trace_source=True)).eval()
     with torch.no_grad():
@@ -156,3 +156,4 @@ def test_picture_dims_the_pruned_patches_and_colours_the_merged_ones():
     assert picture[~held.numpy()].max() <= 0.2 + 1e-6 and picture[held.numpy()].min() >= 0.575 - 1e-6
     assert [entry[1] for entry in legend_entries([block1])] == [
         "colours: patches merged into one token share a colour", "dimmed: patches pruned at this block or before"]
+    assert to_array(selection_figure(white, net.selections)).std() > 0   # the figure with its legend draws
