@@ -15,7 +15,10 @@ is timed in turn, rotating the order every round, and the median is reported. Co
 inference img/s, one training step (forward + backward + AdamW) img/s, forward GMACs
 (torch.utils.flop_counter, attention included on CPU too), parameters, peak memory of a training
 step (CUDA: max allocated; CPU: bytes of tensors saved for backward) and, with ``--data``, val top-1.
-Writes benchmark.csv and benchmark.png (throughput against GMACs, one curve per method).
+Writes benchmark.csv (each row named as papers name it, "EViT-DeiT-S kr 0.7", with its method's knob:
+keep rate or ToMe's r) and benchmark.png (scripts/pareto_plot.py: images/s against GMACs, one curve per
+method and backbone over its knob, the baseline as reference lines; with ``--data`` a second panel of
+top-1 against images/s); ``--wandb`` also logs the rows as a W&B table with speed/accuracy charts.
 """
 from __future__ import annotations
 
@@ -39,6 +42,8 @@ os.environ.setdefault("PROJECT_ROOT", ROOT)
 
 from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.core.global_hydra import GlobalHydra  # noqa: E402
+from hydra.utils import get_class  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
 
 from accel.backbones.levit import fuse_levit  # noqa: E402
 from accel.backbones.slide_swin import reparameterize_slide  # noqa: E402
@@ -48,16 +53,25 @@ from accel.heads import Heads  # noqa: E402
 from accel.reducers.protocol import TokenReducingNet  # noqa: E402
 from pipeline import instantiate  # noqa: E402
 
+if os.path.dirname(os.path.abspath(__file__)) not in sys.path:   # its sibling module, when loaded by path
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from pareto_plot import backbone_name, curve_name, extra_words, figure, format_value, method_label, point_label  # noqa: E402,E501
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
 class Entry:
-    label: str
+    spec: str               # the overrides as given (what --baseline names)
     overrides: List[str]
+    flags: List[str]
     net: torch.nn.Module
-    method: str
-    keep_rate: float
+    label: str              # "EViT-DeiT-S kr 0.7"
+    curve: str              # "EViT-DeiT-S": the label without the knob's value
+    method: str             # the reducer's label, "" for none
+    backbone: str           # "DeiT-S"
+    knob: str = ""          # "keep_rate", "r" or "" (no knob)
+    knob_value: str = ""
     infer_s: List[float] = field(default_factory=list)
     train_s: List[float] = field(default_factory=list)
     results: Dict[str, float] = field(default_factory=dict)
@@ -89,21 +103,22 @@ def build(overrides: List[str], args) -> Entry:
     flags = [o for o in overrides if o in FLAGS]
     cfg = compose_cfg(["data=synthetic", *sized, *[o for o in overrides if o not in FLAGS], *args.model_args.split()])
     net = instantiate(cfg.module).net
-    # The method is the configured reducer's class; its settings are read from the config, the keep
-    # rate from the built network (TokenReducingNet), where a model's own defaults are applied.
+    # The method is the configured reducer's class; its knob is ToMe's explicit r, else the keep rate
+    # of the built network (TokenReducingNet, where a model's own defaults are applied), else none.
     reducer = cfg.get("reducer") or {}
-    method = reducer["_target_"].rsplit(".", 1)[-1] if reducer else "timm"
-    if reducer.get("explicit_attention", False):
-        method += " explicit-attention"
-    label = " ".join(overrides)
-    if method == "timm" and "levit" in label:
-        method = "Evo-LeViT" if "evo_levit" in label else "LeViT"
-    entry = Entry(label, [o for o in overrides if o not in FLAGS], net, " ".join([method, *flags]),
-                  net.keep_rate if isinstance(net, TokenReducingNet) else 1.0)
-    entry.flags = flags
-    r = reducer.get("r")
-    entry.point = f"r={r}" if r is not None else f"{entry.keep_rate:g}"
-    return entry
+    method = method_label(get_class(reducer["_target_"])) if reducer else ""
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    backbone = backbone_name(str(model.get("name") or model.get("model_name") or model["_target_"]), model)
+    if reducer.get("r") is not None:
+        knob, value = "r", format_value(OmegaConf.to_container(reducer, resolve=True)["r"])
+    elif isinstance(net, TokenReducingNet):
+        knob, value = "keep_rate", format_value(float(net.keep_rate))
+    else:
+        knob, value = "", ""
+    rest = [o for o in overrides if o not in FLAGS]
+    curve = curve_name(backbone, method, extra_words(rest, flags))
+    return Entry(" ".join(overrides), rest, flags, net, point_label(curve, knob, value), curve, method, backbone,
+                 knob, value)
 
 
 def autocast(args):
@@ -123,7 +138,7 @@ def prepare(entry: Entry, args) -> None:
         net = net.to(memory_format=torch.channels_last)
     entry.net = net
     infer = net
-    if "fused" in entry.flags or (args.fuse and entry.method.startswith(("LeViT", "Evo-LeViT"))):
+    if "fused" in entry.flags or (args.fuse and entry.backbone.startswith(("LeViT", "Evo-LeViT"))):
         infer = fuse_levit(infer)
     if "reparam" in entry.flags:
         infer = reparameterize_slide(copy.deepcopy(infer))
@@ -237,7 +252,7 @@ def run(args) -> List[Entry]:
         e.results["infer_img_s"] = args.batch / statistics.median(e.infer_s)
         if args.train:
             e.results["train_img_s"] = args.train_batch / statistics.median(e.train_s)
-    base = next((e for e in entries if e.label == args.baseline), entries[0])
+    base = baseline(entries, args)
     for e in entries:
         e.results["infer_x"] = e.results["infer_img_s"] / base.results["infer_img_s"]
         if args.train:
@@ -249,49 +264,68 @@ def run(args) -> List[Entry]:
 COLUMNS = ["infer_img_s", "infer_x", "train_img_s", "train_x", "gmacs", "params_M", "train_mem_MB", "mem_x", "top1"]
 
 
-def report(entries: List[Entry], args) -> None:
+def baseline(entries: List[Entry], args) -> Entry:
+    return next((e for e in entries if e.spec == args.baseline), entries[0])
+
+
+def rows_of(entries: List[Entry], setting: str) -> List[Dict[str, str]]:
+    """One dict per model, as benchmark.csv holds it: its spec, name, method, backbone, knob, the
+    measured columns and the setting."""
+    cols = [c for c in COLUMNS if c in entries[0].results]
+    return [{"model": e.spec, "label": e.label, "curve": e.curve, "method": e.method or "none",
+             "backbone": e.backbone, "knob": e.knob, "knob_value": e.knob_value,
+             **{c: f"{e.results[c]:.4f}" for c in cols}, "setting": setting} for e in entries]
+
+
+def report(entries: List[Entry], args):
+    """Print the table, write benchmark.csv and benchmark.png (and log them to W&B with --wandb);
+    return the plot's Figure."""
     cols = [c for c in COLUMNS if c in entries[0].results]
     width = max(len(e.label) for e in entries)
     setting = (f"device={args.device} batch={args.batch} train_batch={args.train_batch} img={args.img_size} "
                f"dtype={args.dtype} channels_last={args.channels_last} compile={args.compile} runs={args.runs}")
-    print(f"\n{setting}\nbaseline: {args.baseline or entries[0].label}")
+    base = baseline(entries, args)
+    print(f"\n{setting}\nbaseline: {base.label} ({base.spec})")
     print(f"{'model':<{width}}  " + "  ".join(f"{c:>12}" for c in cols))
     for e in entries:
         print(f"{e.label:<{width}}  " + "  ".join(f"{e.results[c]:>12.3f}" for c in cols))
     os.makedirs(args.out_dir, exist_ok=True)
+    rows = rows_of(entries, setting)
     path = os.path.join(args.out_dir, "benchmark.csv")
     with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["model", "method", "keep_rate", *cols, "setting"])
-        for e in entries:
-            w.writerow([e.label, e.method, e.keep_rate, *[f"{e.results[c]:.4f}" for c in cols], setting])
-    plot(entries, os.path.join(args.out_dir, "benchmark.png"), "top1" if args.data else "infer_img_s", setting)
-    print(f"wrote {path} and benchmark.png")
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    png = os.path.join(args.out_dir, "benchmark.png")
+    fig = figure(rows, entries.index(base), setting)
+    fig.savefig(png, dpi=110)
+    print(f"wrote {path} and {png}")
+    if args.wandb:
+        log_wandb(rows, png, args)
+    return fig
 
 
-def plot(entries: List[Entry], path: str, y: str, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 5))
-    for method in dict.fromkeys(e.method for e in entries):
-        pts = sorted((e.results["gmacs"], e.results[y], e.point) for e in entries if e.method == method)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=method)
-        for gf, val, point in pts:
-            ax.annotate(point, (gf, val), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set_xlabel("GMACs per image (multiply-accumulates)")
-    ax.set_ylabel("val top-1" if y == "top1" else "inference images / s")
-    ax.set_title(title, fontsize=7)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+def log_wandb(rows: List[Dict[str, str]], png: str, args) -> None:
+    """The rows as a W&B table (numbers as numbers), scatter charts of images/s against GMACs (and
+    top-1 against images/s) drawn from it, and the PNG; offline unless --wandb-online."""
+    import wandb
+    columns = list(rows[0])
+    data = [[float(r[c]) if c in COLUMNS else r[c] for c in columns] for r in rows]
+    run = wandb.init(project=args.wandb_project, dir=args.out_dir, job_type="benchmark",
+                     mode="online" if args.wandb_online else "offline", config={"setting": rows[0]["setting"]})
+    table = wandb.Table(columns=columns, data=data)
+    logged = {"benchmark": table, "benchmark_plot": wandb.Image(png),
+              "speed_vs_gmacs": wandb.plot.scatter(table, "gmacs", "infer_img_s", title="inference images/s vs GMACs")}
+    if "top1" in columns:
+        logged["top1_vs_speed"] = wandb.plot.scatter(table, "infer_img_s", "top1", title="top-1 vs inference images/s")
+    run.log(logged)
+    run.finish()
 
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("models", nargs="+", help="model specs: Hydra overrides, e.g. 'evit_deit_s keep_rate=0.7'")
-    p.add_argument("--baseline", default=None, help="label of the baseline (default: the first model)")
+    p.add_argument("--baseline", default=None, help="the spec of the baseline as given (default: the first model)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--train-batch", type=int, default=32)
     p.add_argument("--img-size", type=int, default=224)
@@ -308,6 +342,9 @@ def parse(argv=None):
     p.add_argument("--data", default="", help="data overrides for val accuracy, e.g. 'data=imagenet data.root=/x'")
     p.add_argument("--eval-batches", type=int, default=0, help="limit val batches (0 = all)")
     p.add_argument("--out-dir", default="benchmarks")
+    p.add_argument("--wandb", action="store_true", help="also log the rows as a W&B table (in <out-dir>/wandb)")
+    p.add_argument("--wandb-project", default="accel-benchmark")
+    p.add_argument("--wandb-online", action="store_true", help="sync to W&B now (default: an offline run)")
     args = p.parse_args(argv)
     if args.baseline is None:
         args.baseline = " ".join(expand(args.models[0])[0])
