@@ -133,3 +133,17 @@ def test_selection_picture_colours_each_patch_by_its_cluster():
     first, second = net.selections
     assert torch.equal(first.assignment, first.token_cluster)          # the first location clusters the patches
     assert torch.equal(second.assignment, second.token_cluster.gather(1, first.assignment))
+
+
+@pytest.mark.parametrize("case", range(3))
+def test_clustering_equals_authors_code_on_tied_tokens(case):
+    """Half the tokens copy the other half and the weights are small integers: tied distances, tied weights,
+    duplicate medoids whose empty clusters fall back to token 0, as in their k_medoids_fit and cluster_dpc_knn."""
+    from accel.reducers.dpcknn import dpc_knn
+    from accel.reducers.kmedoids import k_medoids
+    c = CASES["clustering_cases"][case]
+    medoids, medoid_cluster = k_medoids(c["x"], c["weight"], c["K"], iters=3)
+    assert torch.equal(medoids, c["medoids"]) and torch.equal(medoid_cluster, c["medoid_cluster"])
+    torch.manual_seed(FORWARD_SEED)
+    centers, token_cluster = dpc_knn(c["x"], c["K"], k=5)
+    assert torch.equal(centers, c["centers"]) and torch.equal(token_cluster, c["token_cluster"])
