@@ -4,11 +4,11 @@ checkpoint with ``train=false``)."""
 from __future__ import annotations
 
 import glob
-import importlib
+import inspect
 import logging
 import os
 import re
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import hydra
 from hydra.errors import InstantiationException
@@ -17,41 +17,19 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
+from lightning_fabric.utilities.rank_zero import rank_zero_only
 from pytorch_lightning.callbacks.progress import ProgressBar
-from rich.console import Console
-from rich.syntax import Syntax
-from rich.tree import Tree
 
 from accel.checkpoint import first_shape_mismatch, load_file
 from accel.errors import UserInputError
 from accel.reducers.base import check_keep_rate
 from callbacks.resume_state import wandb_run_id
+from config_print import print_config
+from launch_checks import closest
 from run_dirs import check_writable, continue_run, mark_finished, resume_index, write_resume_record
 
 log = logging.getLogger(__name__)
-
-TREE_ORDER = ("data", "model", "reducer", "module", "callbacks", "logger", "trainer", "paths", "extras")
-
-
-def check_plugins(overrides: Sequence[str], conf_dir: str) -> None:
-    """Name the pip package when a chosen config (``hydra/launcher=submitit_slurm``,
-    ``hparams_search=keep_rate_lr``) needs a Hydra plugin that is not installed; checked before Hydra
-    starts, which would otherwise stop on an unknown plugin class or config."""
-    for arg in overrides:
-        key, sep, choice = arg.lstrip("+~").partition("=")
-        path = os.path.join(conf_dir, key.lstrip("/"), f"{choice}.yaml")
-        if not sep or not os.path.isfile(path):
-            continue
-        with open(path) as f:
-            modules = sorted(set(re.findall(r"hydra_plugins\.(\w+)", f.read())))
-        for module in modules:
-            try:
-                importlib.import_module(f"hydra_plugins.{module}")
-            except ImportError:
-                package = module.replace("_", "-")
-                raise UserInputError(f"{key}={choice} needs the Hydra plugin {package}, which is not installed; "
-                                     f"install it with `pip install -r requirements.txt` (or pip install {package}).") from None
-
+CONF_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf")
 
 def newest_run_checkpoint(run_dir: str) -> Optional[str]:
     """The newest of ``checkpoints/last.ckpt`` (periodic or on SIGTERM) and Lightning's SLURM requeue
@@ -85,10 +63,77 @@ def check_devices(trainer: DictConfig) -> None:
     if isinstance(devices, str) and devices.isdigit():
         devices = int(devices)
     uses_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-    if uses_gpu and isinstance(devices, int) and devices > torch.cuda.device_count():
-        visible = torch.cuda.device_count()
+    visible = torch.cuda.device_count() if uses_gpu else 0
+    if uses_gpu and visible == 0:
+        chosen = f"trainer={group_choice('trainer')}" if group_choice("trainer") else f"trainer.accelerator={accelerator}"
+        raise UserInputError(f"{chosen} trains on GPUs, but this machine has no GPU that PyTorch can use; use "
+                             "trainer=cpu (or trainer.accelerator=auto, which takes a GPU where there is one).")
+    if uses_gpu and isinstance(devices, int) and devices > visible:
         raise UserInputError(f"trainer.devices={devices} but this node has {visible} visible GPU(s); expected at most "
                              f"{visible} (trainer.devices counts GPUs per node; add nodes with trainer.num_nodes).")
+
+
+def group_choice(group: str) -> Optional[str]:
+    """The option of a config group this run chose (``trainer`` → ``gpu``), None outside Hydra."""
+    if not HydraConfig.initialized():
+        return None
+    return HydraConfig.get().runtime.choices.get(group)
+
+
+def check_batch_size(data: DictConfig) -> None:
+    """A batch size is a positive number of images (a negative one would first surface as a negative
+    learning rate, which the LR scaling derives from it)."""
+    size = data.get("batch_size")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        raise UserInputError(f"data.batch_size={size} is not a number of images; expected a positive integer, the "
+                             "images per process and step (e.g. data.batch_size=64).")
+
+
+def keep_rate_is_used(cfg: DictConfig) -> bool:
+    """Whether a node other than the top-level ``keep_rate`` reads it (a reducer, Evo-LeViT's model, a
+    keep-rate schedule)."""
+    container = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k not in ("hydra", "keep_rate")]),
+                                       resolve=False)
+    return "${keep_rate}" in repr(container)
+
+
+def models_with_a_reducer(conf_dir: str = CONF_DIR) -> List[str]:
+    """The model configs (conf/model/<name>.yaml) that choose a token reducer, directly or through the
+    file they build on; parameterised files without a name of their own are left out."""
+    folder = os.path.join(conf_dir, "model")
+    files = {f[:-5]: OmegaConf.load(os.path.join(folder, f)) for f in os.listdir(folder) if f.endswith(".yaml")}
+
+    def reduces(name: str) -> bool:
+        for entry in files[name].get("defaults") or []:
+            if isinstance(entry, str) and entry in files and reduces(entry):
+                return True
+            if isinstance(entry, DictConfig) and any("reducer" in k and v != "none" for k, v in entry.items()):
+                return True
+        return False
+    return sorted(n for n, f in files.items() if reduces(n) and not OmegaConf.is_missing(f, "name"))
+
+
+def reducer_options(conf_dir: str = CONF_DIR) -> List[str]:
+    """The reducer group's options that wrap a backbone in a reducer (conf/reducer/<name>.yaml with a
+    ``_target_``, at the top or under ``reducer`` for the files placed at the top level)."""
+    folder = os.path.join(conf_dir, "reducer")
+    names = []
+    for f in sorted(os.listdir(folder)):
+        node = OmegaConf.load(os.path.join(folder, f)) if f.endswith(".yaml") else None
+        if node is not None and ("_target_" in node or isinstance(node.get("reducer"), DictConfig)):
+            names.append(f[:-5])
+    return names
+
+
+def warn_unused_keep_rate(cfg: DictConfig) -> None:
+    """keep_rate < 1 with nothing that reads it trains the full model: say so, once (rank 0)."""
+    keep_rate = cfg.get("keep_rate", 1.0)
+    if keep_rate == 1.0 or keep_rate is None or keep_rate_is_used(cfg) or rank_zero_only.rank != 0:
+        return
+    model = group_choice("model") or "the configured model"
+    log.warning("keep_rate=%s has no effect: model=%s reduces no tokens (no reducer); the model configs with a "
+                "reducer are %s, or add one to a DeiT with reducer=%s.", keep_rate, model,
+                ", ".join(models_with_a_reducer()), "|".join(reducer_options()))
 
 
 def check_config(cfg: DictConfig, ckpt: Optional[str] = None) -> None:
@@ -102,27 +147,14 @@ def check_config(cfg: DictConfig, ckpt: Optional[str] = None) -> None:
         raise UserInputError(f"{missing[0]} is required and not set; add {missing[0]}=<value> to the command "
                              f"line{example}.")
     check_keep_rate(cfg.get("keep_rate", 1.0))
+    check_batch_size(cfg.data)
     check_devices(cfg.trainer)
+    warn_unused_keep_rate(cfg)
     if ckpt and not os.path.isfile(ckpt):
         raise UserInputError(f"ckpt_path={ckpt!r} does not exist; expected a .ckpt file written by this project "
                              "(e.g. logs/train/runs/<date>/checkpoints/last.ckpt).")
     if not cfg.get("train", True) and not ckpt:
         raise UserInputError("train=false needs ckpt_path=<file.ckpt> to evaluate; none was given.")
-
-
-def print_config_tree(cfg: DictConfig, save_dir: Optional[str] = None, name: str = "config_tree.log") -> None:
-    """Print the resolved config as a Rich tree and save it as ``name`` in ``save_dir``."""
-    tree = Tree("CONFIG", style="dim", guide_style="dim")
-    keys = [k for k in TREE_ORDER if k in cfg] + [k for k in cfg if k not in TREE_ORDER and k != "hydra"]
-    for key in keys:
-        node = cfg[key]
-        text = OmegaConf.to_yaml(node, resolve=True) if isinstance(node, DictConfig) else str(node)
-        tree.add(key, style="bold").add(Syntax(text, "yaml"))
-    Console().print(tree)
-    if save_dir:
-        os.makedirs(save_dir, exist_ok=True)
-        with open(os.path.join(save_dir, name), "w") as f:
-            Console(file=f, width=120).print(tree)
 
 
 def resolved_without_hydra(cfg: DictConfig) -> Dict[str, Any]:
@@ -165,7 +197,30 @@ def instantiate(node: DictConfig, **kwargs: Any) -> Any:
             cause = cause.__cause__
         if cause is not None:
             raise cause from None
+        unknown = unknown_parameter(exc, node)
+        if unknown:
+            raise UserInputError(unknown) from None
         raise
+
+
+def unknown_parameter(exc: InstantiationException, node: DictConfig) -> Optional[str]:
+    """The sentence for a key its target does not take (``+trainer.max_epoch=1``: Trainer's TypeError
+    about an unexpected keyword argument), naming the closest parameter; None for other errors."""
+    found = re.search(r"unexpected keyword argument '(\w+)'", str(exc.__cause__ or exc))
+    where = re.search(r"full_key: (\S+)", str(exc))
+    if not found:
+        return None
+    full_key = where.group(1) if where else node._get_full_key(None)
+    target_node = OmegaConf.select(node._get_root(), full_key) if full_key else node
+    target = str(target_node.get("_target_", "")) if isinstance(target_node, DictConfig) else ""
+    try:
+        parameters = list(inspect.signature(hydra.utils.get_object(target)).parameters)
+    except Exception:
+        parameters = []
+    key = f"{full_key}.{found.group(1)}" if full_key else found.group(1)
+    close = closest(found.group(1), parameters)
+    hint = f"did you mean {full_key}.{close}?" if close else f"its parameters are {', '.join(parameters)}."
+    return f"{key} is not a parameter of {target}; {hint}"
 
 
 def build(cfg: DictConfig) -> Tuple[pl.LightningDataModule, pl.LightningModule, pl.Trainer]:
@@ -237,7 +292,7 @@ def run(cfg: DictConfig) -> Dict[str, float]:
     datamodule, module, trainer = build(cfg)
     check_writable(output_directories(trainer))
     if trainer.global_rank == 0:
-        print_config_tree(cfg, run_dir, f"config_tree_resume_{index}.log" if index else "config_tree.log")
+        print_config(cfg, run_dir, f"config_tree_resume_{index}.log" if index else "config_tree.log")
     for lg in trainer.loggers:
         lg.log_hyperparams(resolved_without_hydra(cfg))
     if ckpt_path:
@@ -248,7 +303,10 @@ def run(cfg: DictConfig) -> Dict[str, float]:
 
     metrics: Dict[str, float] = {}
     if cfg.get("train", True):
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        except FloatingPointError as exc:  # the loss or the weights diverged: its message says what to change
+            raise UserInputError(str(exc)) from None
         if trainer.is_global_zero and not trainer.interrupted:  # a stop by signal or error does not return here
             mark_finished(run_dir, trainer.global_step, trainer.current_epoch)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})

@@ -13,7 +13,7 @@ os.environ.setdefault("PROJECT_ROOT", os.path.dirname(os.path.abspath(__file__))
 CONF_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf")
 
 from accel.errors import run_cli  # noqa: E402
-from pipeline import check_plugins, optimized_metric, run  # noqa: E402
+from launch_checks import check_command_line  # noqa: E402
 
 
 def to_log_files(text: str) -> None:
@@ -26,6 +26,7 @@ def to_log_files(text: str) -> None:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train.yaml")
 def main(cfg: DictConfig):
+    from pipeline import optimized_metric, run
     # Inside the Hydra task: Hydra would print an escaping exception with its own traceback.
     return run_cli(lambda: optimized_metric(cfg, run(cfg)), log=to_log_files)
 
@@ -35,5 +36,10 @@ if __name__ == "__main__":
     # against those (wanted: typos fail) and warns that this matching is deprecated; both files set every
     # field themselves, so they stay valid when Hydra drops it.
     warnings.filterwarnings("ignore", message=r"(?s).*is validated against ConfigStore schema with the same name")
-    run_cli(lambda: check_plugins(sys.argv[1:], CONF_DIR))  # before Hydra, which cannot name the missing package
+    # Before Hydra, which answers a mistyped key, a missing plugin or a missing SLURM with a message that does
+    # not say what to type instead, or with a traceback.
+    run_cli(lambda: check_command_line(sys.argv[1:], CONF_DIR))
+    # Imported once the command line is checked (torch and Lightning take seconds to import), and before
+    # Hydra configures logging: Lightning then keeps its own plain console handler for its messages.
+    import pipeline  # noqa: F401
     main()

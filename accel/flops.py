@@ -13,7 +13,9 @@ _CPU_SDPA = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu
 _registered = False
 
 
-def _register_cpu_sdpa() -> None:
+def register_cpu_sdpa() -> None:
+    """Give torch's FLOP counter the CPU flash-attention kernel (once); every FlopCounterMode counts it then,
+    Lightning's model summary too."""
     global _registered
     if _registered or _CPU_SDPA is None:
         return
@@ -27,7 +29,7 @@ def _register_cpu_sdpa() -> None:
 
 def count_flops(model: nn.Module, images: torch.Tensor) -> int:
     """Forward FLOPs (multiply and add counted separately) of ``model(images)`` in eval mode."""
-    _register_cpu_sdpa()
+    register_cpu_sdpa()
     was_training = model.training
     model.eval()
     try:
