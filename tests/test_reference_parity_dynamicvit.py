@@ -132,7 +132,8 @@ def test_configs_compose_to_the_recipes(tmp_path):
     assert cfg.callbacks.distillation.teacher_module == cfg.model    # the pretrained DeiT-S the student starts from
     assert isinstance(instantiate(cfg.callbacks.distillation.loss), DynamicViTDistillationLoss)
     cfg = make_cfg(tmp_path, ["experiment=dynamicvit_digits", "++model.depth=6", "++model.embed_dim=32",
-                              "++model.num_heads=2"])
+                              "++model.num_heads=2", "model.pretrained_path=null"])
+    assert cfg.module.backbone_lr_scale == 0.01 and cfg.callbacks.distillation.teacher_module == cfg.model
     module = instantiate(cfg.module)
     assert isinstance(module.net.reducer, DynamicViT) and module.net.reducer.locations == (1, 3, 5)
     with torch.no_grad():
