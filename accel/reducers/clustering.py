@@ -28,7 +28,7 @@ class ClusterReducer(TokenReducer):
     centers [B, K] or None)``: the new tokens, the cluster of each input token and, where the method
     has them, the input token each cluster is centred on."""
 
-    method = "clustering"
+    label = "clustering"
 
     def __init__(self, keep_rate: float = 0.7, locations: Sequence[int] = (3, 6, 9)) -> None:
         super().__init__(keep_rate)
@@ -38,7 +38,7 @@ class ClusterReducer(TokenReducer):
         super().bind(vit)
         depth = len(vit.blocks)
         if not self.locations or not set(self.locations) <= set(range(depth)):
-            raise UserInputError(f"{self.method} locations={list(self.locations)}: expected 0-based block indices "
+            raise UserInputError(f"{self.label} locations={list(self.locations)}: expected 0-based block indices "
                                  f"below the model's {depth} blocks.")
         self.embed_dim = int(vit.embed_dim)
 

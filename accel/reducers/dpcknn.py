@@ -76,7 +76,7 @@ class DPCKNN(ClusterReducer):
         equal_weight: average cluster members with equal weights instead of the learned score.
     """
 
-    method = "DPC-KNN"
+    label = "DPC-KNN"
 
     def __init__(self, keep_rate: float = 0.7, locations: Sequence[int] = (3, 6, 9), k_neighbors: int = 5,
                  equal_weight: bool = False) -> None:

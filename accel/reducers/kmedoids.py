@@ -79,7 +79,7 @@ class KMedoids(ClusterReducer):
         iters: assignment/update rounds (their ``--cluster_iters``, 3).
     """
 
-    method = "K-Medoids"
+    label = "K-Medoids"
 
     def __init__(self, keep_rate: float = 0.7, locations: Sequence[int] = (3, 6, 9), iters: int = 3) -> None:
         super().__init__(keep_rate, locations)

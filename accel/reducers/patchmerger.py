@@ -48,7 +48,7 @@ class PatchMerger(ClusterReducer):
         scaled: scale the query-token products by ``1/√C`` (their code: no scale).
     """
 
-    method = "PatchMerger"
+    label = "PatchMerger"
 
     def __init__(self, keep_rate: float = 0.7, locations: Sequence[int] = (3, 6, 9), scaled: bool = False) -> None:
         super().__init__(keep_rate, locations)

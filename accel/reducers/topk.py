@@ -40,6 +40,8 @@ class TopK(TokenReducer):
             code, the default), or ``ceil(kr·n)`` of the current n (EViT's rule) when False.
     """
 
+    label = "Top-K"
+
     def __init__(self, keep_rate: float = 0.7, locations: Sequence[int] = (3, 6, 9), cumulative: bool = True) -> None:
         super().__init__(keep_rate)
         self.locations = tuple(int(i) for i in locations)
