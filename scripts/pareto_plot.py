@@ -87,13 +87,14 @@ def figure(rows: Sequence[Dict], baseline: int = 0, title: str = ""):
     """Inference images/s against GMACs, one curve per ``curve`` over its knob, and (rows with
     ``top1``) a second panel of top-1 against images/s. ``rows``: dicts with ``label``, ``curve``,
     ``knob``, ``knob_value``, ``gmacs``, ``infer_img_s`` and optionally ``top1`` (as benchmark.csv
-    holds them). The baseline row is drawn as dotted reference lines through its point."""
+    holds them). The baseline row is drawn as dotted reference lines through its point; the legend
+stands to the right of the panels (``fig.legends[0]``)."""
     import matplotlib
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
     accuracy = all(_num(r, "top1") is not None for r in rows)
-    fig = Figure(figsize=(13 if accuracy else 7.5, 5.5))
+    fig = Figure(figsize=(15 if accuracy else 10, 5.5), layout="constrained")
     axes = fig.subplots(1, 2 if accuracy else 1, squeeze=False)[0]
     panels = [(axes[0], "gmacs", "infer_img_s")] + ([(axes[1], "infer_img_s", "top1")] if accuracy else [])
     base = rows[baseline]
@@ -112,21 +113,21 @@ def figure(rows: Sequence[Dict], baseline: int = 0, title: str = ""):
             single = len(pts) == 1
             knob = KNOB_NAMES.get(pts[0]["knob"], pts[0]["knob"])
             label = pts[0]["label"] if single else f"{curve}, {knob} " + ", ".join(p["knob_value"] for p in members)
-            ax.plot([_num(p, x) for p in pts], [_num(p, y) for p in pts], marker=markers[k % len(markers)],
-                    linestyle="none" if single else "-", label=label)
-            for p in pts:   # single points carry their name, curves' points their knob value
+            drawn, = ax.plot([_num(p, x) for p in pts], [_num(p, y) for p in pts], marker=markers[k % len(markers)],
+                             linestyle="none" if single else "-", label=label)
+            for p in pts:   # single points carry their name, curves' points their knob value, in its colour
                 text = p["label"] if single else f"{knob} {p['knob_value']}"
-                ax.annotate(text, (_num(p, x), _num(p, y)), textcoords="offset points", xytext=(5, 4), fontsize=7)
+                ax.annotate(text, (_num(p, x), _num(p, y)), textcoords="offset points", xytext=(5, 4), fontsize=6.5,
+                            color=drawn.get_color())
         ax.set_xlabel({"gmacs": "GMACs per image (multiply-accumulates)", "infer_img_s": "inference images / s"}[x])
         ax.set_ylabel({"infer_img_s": "inference images / s", "top1": "val top-1"}[y])
         ax.grid(alpha=0.3)
         if y == "infer_img_s":
             ratio = ax.secondary_yaxis("right", functions=(lambda v: v / by, lambda v: v * by))
             ratio.set_ylabel("× baseline")
-    axes[0].legend(fontsize=7, loc="best")
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside right upper", fontsize=7)
     if title:
         fig.suptitle(title, fontsize=7)
-    fig.tight_layout()
     return fig
 
 

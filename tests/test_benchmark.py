@@ -89,7 +89,7 @@ def test_reducers_cost_what_the_readme_table_says_and_the_plot_names_each_model(
     assert params["EvoViT-DeiT-S kr 0.5"] == round((22_050_664 + aux_cls_head) / 1e6, 4)
 
     ax, = fig.axes[:1]
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == [
         "baseline: DeiT-S", "DeiT-S", "EViT-DeiT-S, kr 0.5, 0.7", "EvoViT-DeiT-S kr 0.5", "ToMe-DeiT-S r 13",
         "Swin-T"]
     lines = {line.get_label(): line for line in ax.get_lines()}
