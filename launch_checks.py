@@ -5,7 +5,7 @@ one sentence instead of Hydra's message or a traceback from deep inside a launch
 - a key, config group or group option that does not exist (the closest one is suggested, by
   difflib over the keys of the config the other overrides compose);
 - a SLURM launcher on a machine without SLURM (``hydra/launcher=submitit_local`` is suggested);
-- a ``hydra.run.dir`` / ``hydra.sweep.dir`` given on the command line that cannot be written.
+- a ``paths.log_dir`` (or a ``hydra.run.dir`` / ``hydra.sweep.dir`` given) that cannot be written.
 
 The check composes the config once with Hydra's compose API (about 0.1 s); it resolves nothing, so no
 run directory is claimed."""
@@ -41,7 +41,7 @@ def check_command_line(argv: Sequence[str], conf_dir: str, config_name: str = "t
     multirun = any(a in MULTIRUN_FLAGS for a in argv) or "hydra.mode=MULTIRUN" in overrides
     if multirun:
         check_launcher(cfg)
-    check_given_dirs(overrides, multirun)
+    check_output_dirs(cfg, overrides, multirun)
 
 
 def check_plugins(overrides: Sequence[str], conf_dir: str) -> None:
@@ -169,11 +169,19 @@ def check_launcher(cfg: DictConfig) -> None:
                              "hydra/launcher=submitit_local.")
 
 
-def check_given_dirs(overrides: Sequence[str], multirun: bool) -> None:
-    """A run (or sweep) directory given on the command line must be writable: Hydra creates it before
-    the job starts, where a failure is its traceback."""
+def check_output_dirs(cfg: DictConfig, overrides: Sequence[str], multirun: bool) -> None:
+    """The run (or sweep) directory given on the command line, else ``paths.log_dir`` that the run
+    directories are made in, must be writable: Hydra creates the directory before the job starts."""
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     for override in overrides:
         name, _, value = override.partition("=")
-        if name.lstrip("+") == key and value and "${" not in value:
-            check_writable({value: f"run directory ({key})"})
+        if name.lstrip("+") == key and value:
+            if "${" not in value:
+                check_writable({value: f"run directory ({key})"})
+            return
+    try:
+        log_dir = OmegaConf.select(cfg, "paths.log_dir")
+    except Exception:  # an interpolation only a running job resolves
+        return
+    if log_dir:
+        check_writable({str(log_dir): "log directory (paths.log_dir)"})

@@ -1,7 +1,6 @@
 """Mistakes a user makes on the command line get one sentence that says what to type instead (README
 "Using it"): a mistyped key or config, an added key nothing takes, a negative batch size, a keep rate
 nothing reads, an unwritable run directory, SLURM or a GPU where there is none, a diverged loss."""
-import glob
 import logging
 import os
 import re
@@ -12,7 +11,7 @@ import torch
 from accel.errors import UserInputError
 from conftest import CONF, FAST, make_cfg, run_train
 from launch_checks import check_command_line
-from pipeline import check_config, instantiate
+from pipeline import check_config, instantiate, run
 
 
 @pytest.mark.parametrize("argv, sentence", [
@@ -100,24 +99,23 @@ def test_mistakes_on_the_command_line_stop_in_one_sentence_before_anything_is_bu
     assert proc.stderr.strip() == "error: trainer.max_epoch is not in the config; did you mean trainer.max_epochs=1?"
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    proc = run_train([f"paths.log_dir={blocker}", "trainer.max_steps=1"])
+    proc = run_train([f"paths.log_dir={blocker}/logs", "trainer.max_steps=1"])
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: cannot create the run directory {blocker}/train/")
+    assert proc.stderr.strip() == (f"error: the log directory (paths.log_dir) {blocker}/logs is not writable (Not a "
+                                   "directory); expected a directory this job can create and write to.")
     assert os.listdir(tmp_path) == ["a_file"], "nothing was written"
 
 
 def test_a_diverged_loss_stops_in_one_sentence_and_keeps_the_last_checkpoint_from_before(tmp_path):
     # An absurd learning rate: the weights are finite after the first steps and not after a later one, whose
     # loss the module does not read back (it reads every third): the save after that step must not write them.
-    proc = run_train([*FAST, "module.lr=1e30", "trainer.log_every_n_steps=3", "callbacks.last_checkpoint.every_n_train_steps=1",
-                      "trainer.max_steps=6", "trainer.limit_val_batches=1", f"paths.log_dir={tmp_path}"])
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr
-    last = proc.stderr.strip().splitlines()[-1]
-    stopped = re.match(r"error: The weights are not finite at step (\d+) \(training diverged\), so no checkpoint was "
-                       r"written over the last good one; lower the learning rate", last)
-    assert stopped, last
-    ckpt = torch.load(glob.glob(str(tmp_path / "train" / "runs" / "*" / "checkpoints" / "last.ckpt"))[0],
-                      map_location="cpu", weights_only=False)
+    cfg = make_cfg(tmp_path, [*FAST, "module.lr=1e30", "trainer.log_every_n_steps=3", "trainer.max_steps=6",
+                              "callbacks.last_checkpoint.every_n_train_steps=1", "trainer.limit_val_batches=1"])
+    with pytest.raises(UserInputError) as error:  # train.py prints it as `error: <sentence>`, exit code 2
+        run(cfg)
+    stopped = re.match(r"The weights are not finite at step (\d+) \(training diverged\), so no checkpoint was "
+                       r"written over the last good one; lower the learning rate", str(error.value))
+    assert stopped, str(error.value)
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == int(stopped.group(1)) - 1, "the checkpoint of the step before"
     assert all(torch.isfinite(t).all() for t in ckpt["state_dict"].values() if t.is_floating_point())
