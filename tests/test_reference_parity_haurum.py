@@ -147,3 +147,18 @@ def test_clustering_equals_authors_code_on_tied_tokens(case):
     torch.manual_seed(FORWARD_SEED)
     centers, token_cluster = dpc_knn(c["x"], c["K"], k=5)
     assert torch.equal(centers, c["centers"]) and torch.equal(token_cluster, c["token_cluster"])
+
+
+def test_dpcknn_equal_weight_averages_each_cluster_without_parameters():
+    net, images, _ = load("topk")                     # the fixture backbone alone
+    net = with_reducer(net.vit, DPCKNN(0.7, (1, 2), equal_weight=True)).eval()
+    assert not [n for n, _ in net.named_parameters() if n.startswith("reducer.")]
+    seen = []
+    net.vit.blocks[1].register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    net.vit.blocks[0].register_forward_hook(lambda m, a, out: seen.append(out))
+    with torch.no_grad():
+        net(images)
+    before, after = seen[0][0, 1:], seen[1][0, 1:]       # image 0's tokens into and out of the clustering
+    cluster = net.selections[0].token_cluster[0]
+    mean = torch.stack([before[cluster == k].mean(dim=0) for k in range(after.shape[0])])
+    torch.testing.assert_close(after, mean, atol=1e-5, rtol=1e-5)
