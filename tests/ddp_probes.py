@@ -1,4 +1,4 @@
-"""Test-only callbacks for tests/test_ddp_run.py, loaded into `python train.py` runs through
+"""Test-only callbacks for tests/test_recipes_ddp.py, loaded into `python train.py` runs through
 `+callbacks.<name>._target_=ddp_probes.<Class>` with tests/ on PYTHONPATH: each rank writes what it
 evaluated and what it restored, for the test to read after the processes have ended."""
 from __future__ import annotations
@@ -40,3 +40,18 @@ class RecordEmaAtTrainStart(pl.Callback):
         os.makedirs(self.out, exist_ok=True)
         state = {k: v.detach().cpu().clone() for k, v in pl_module.ema.state_dict().items()}
         torch.save(state, os.path.join(self.out, f"ema_step{trainer.global_step}_rank{trainer.global_rank}.pt"))
+
+
+class RecordTrainStart(pl.Callback):
+    """Write, as training starts, this rank's world size and training sampler to
+    ``<out>/train_start_step<global step>_rank<r>.json`` (one file per launch and rank: both
+    processes of each launch trained)."""
+
+    def __init__(self, out: str) -> None:
+        self.out = out
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        os.makedirs(self.out, exist_ok=True)
+        record = {"world": trainer.world_size, "sampler": type(trainer.train_dataloader.sampler).__name__}
+        with open(os.path.join(self.out, f"train_start_step{trainer.global_step}_rank{trainer.global_rank}.json"), "w") as f:
+            json.dump(record, f)
