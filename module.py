@@ -95,6 +95,7 @@ class ImageClassifier(pl.LightningModule):
         backbone_lr_scale: float = 1.0,
         backbone_freeze_epochs: int = 0,
         frozen_parameters: Sequence[str] = (),
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["backbone", "reducer", "optimizer", "scheduler"])
@@ -123,6 +124,10 @@ class ImageClassifier(pl.LightningModule):
             # An average, never trained: DDP would otherwise wait for gradients of the copy. As a
             # submodule it still moves with the module and is saved and restored as ``ema.*``.
             self.ema.requires_grad_(False)
+        if compile:
+            # torch.compile in place (nn.Module.compile): the state dict keeps its net.* keys; the EMA
+            # copy, made above, stays eager.
+            self.net.compile()
         top5 = min(5, num_classes)
         self.metrics = nn.ModuleDict({
             f"{prefix}_{name}": MulticlassAccuracy(num_classes, top_k=k, average="micro")

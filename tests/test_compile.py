@@ -71,3 +71,42 @@ def test_keep_rate_change_recompiles(name):
         after = compiled(x)
         assert torch.equal(after, net(x))  # the graph for the new keep rate, not the old one
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 2
+
+
+def test_module_compile_compiles_the_network_in_training_and_a_new_keep_rate_compiles_again(tmp_path, monkeypatch):
+    """module.compile=true: the network runs compiled in the training step (nn.Module.compile in place,
+    state-dict keys unchanged). The backend is swapped for aot_eager (dynamo and AOTAutograd as with
+    inductor, without its C++ build)."""
+    from conftest import FAST, make_cfg
+    from pipeline import build as build_run
+
+    compiled_with = []
+    compile_ = torch.compile
+
+    def aot_eager(fn, *args, **kwargs):
+        compiled_with.append(kwargs)
+        return compile_(fn, *args, **{**kwargs, "backend": "aot_eager"})
+
+    monkeypatch.setattr(torch, "compile", aot_eager)
+    cfg = make_cfg(tmp_path, ["model=evit_deit_t", "reducer.locations=[0]", "data=synthetic", "data.image_size=32",
+                              "data.num_classes=5", "data.batch_size=4", "data.train_samples=8", "trainer=cpu",
+                              "trainer.max_steps=2", "trainer.limit_val_batches=0", "logger=csv",
+                              "module.compile=true", *FAST])
+    datamodule, module, trainer = build_run(cfg)
+    assert len(compiled_with) == 1
+    assert all(k.startswith("net.") and "_orig_mod" not in k for k in module.state_dict())
+    stats = torch._dynamo.utils.counters["stats"]
+    trainer.fit(module, datamodule)
+    assert trainer.global_step == 2
+    assert stats["unique_graphs"] == 1, "the training forward is one compiled graph"
+    x = torch.randn(4, 3, 32, 32)
+    module.train()
+    # In training dynamo guards on the keep rate's value: each new keep rate compiles one more graph
+    # (up to torch._dynamo.config.recompile_limit, README "GPU"); a keep rate seen before reuses its graph.
+    for keep_rate, graphs in ((0.7, 1), (0.5, 2), (0.5, 2), (0.7, 2), (0.6, 3)):
+        module.set_keep_rate(keep_rate)
+        module(x)
+        assert stats["unique_graphs"] == graphs, keep_rate
+    module.eval().set_keep_rate(0.55)
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), module.net.forward(x), rtol=0, atol=1e-5)  # compiled vs eager
