@@ -139,6 +139,11 @@ RECIPES = {
                                    teacher=None, schedule=None),
     "diffrate_digits": dict(params=2_712_170, reducer="DiffRate", batch=64, epochs=30, ema=None, teacher=None,
                             schedule=None),
+    # DynamicViT: the network plus its three keep-score predictors (under reducer.), teacher = the pretrained student.
+    "dynamicvit_deit_s_in1k": dict(params=22_774_414, reducer="DynamicViT", batch=1024, epochs=30, ema=0.9999,
+                                   teacher="deit_small_patch16_224", schedule=None),
+    "dynamicvit_digits": dict(params=2_894_176, reducer="DynamicViT", batch=64, epochs=30, ema=None,
+                              teacher="deit_tiny_patch16_224", schedule=None),
 }
 
 
