@@ -47,9 +47,18 @@ QUIET = ["trainer.enable_progress_bar=false", "callbacks.rich_progress_bar=null"
 FAST = [*QUIET, "++model.depth=2", "++model.embed_dim=64", "++model.num_heads=2"]
 
 
+def child_env(**extra) -> dict:
+    """The environment for a child ``python train.py``: this one, without the address of a W&B service
+    that an in-process W&B test started here (a child that joins it and is killed leaves its run ID
+    registered there, and the resumed run is then refused as "in use")."""
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    env.update(extra)
+    return env
+
+
 def run_train(args, cwd=ROOT, timeout=600, env_extra=None) -> subprocess.CompletedProcess:
     """``python train.py *args`` as a user runs it; returns the finished process."""
-    env = dict(os.environ, **(env_extra or {}))
+    env = child_env(**(env_extra or {}))
     return subprocess.run([sys.executable, "train.py", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=env)
 

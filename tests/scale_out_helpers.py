@@ -11,6 +11,8 @@ import time
 
 import pytorch_lightning as pl
 
+from conftest import child_env
+
 
 class PauseAtStep(pl.Callback):
     """After training step ``step``, write ``marker`` and wait (up to a minute) for a signal, so that
@@ -54,7 +56,7 @@ def start_paused(args, step, marker, env_extra=None) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "train.py", *args, "+callbacks.pause._target_=scale_out_helpers.PauseAtStep",
                              f"+callbacks.pause.step={step}", f"+callbacks.pause.marker={marker}"],
                             cwd=os.path.dirname(TESTS),
-                            env=dict(os.environ, PYTHONPATH=TESTS, WANDB_MODE="offline", **(env_extra or {})),
+                            env=child_env(PYTHONPATH=TESTS, WANDB_MODE="offline", **(env_extra or {})),
                             stdout=stdout, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while not os.path.exists(marker) and proc.poll() is None and time.monotonic() < deadline:
