@@ -117,3 +117,18 @@ class TokenReducer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"keep_rate={self._keep_rate}"
+
+
+class TracesSources:
+    """``tracing`` / ``set_tracing`` for a merging reducer whose ``trace_source`` flag records, per
+    token, which input tokens it holds (``MergedTokens.source``: B·N² memory, for pictures only)."""
+
+    trace_source: bool
+
+    @property
+    def tracing(self) -> bool:
+        return self.trace_source
+
+    def set_tracing(self, enable: bool) -> None:
+        """Record which input tokens each merged token holds (``MergedTokens.source``)."""
+        self.trace_source = bool(enable)

@@ -59,7 +59,10 @@ class ClusterReducer(TokenReducer):
 
     def cluster(self, stage: int, x: torch.Tensor, K: int, state: State
                 ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-        raise NotImplementedError
+        """Each subclass's method (K-Medoids, DPC-KNN, PatchMerger): the ``K`` new image tokens from the
+        image tokens ``x`` at location ``stage``, with the assignment and extra record its selection
+        draws; the frame has no clustering of its own."""
+        raise NotImplementedError(f"{type(self).__name__} does not define cluster().")
 
     def reduce(self, i: int, x: torch.Tensor, state: State) -> torch.Tensor:
         """The tokens block ``i`` gets: clustered if ``i`` is a location that lowers the count."""

@@ -52,7 +52,7 @@ from torch import nn
 
 from accel.errors import UserInputError
 from accel.reducers.attention import AttnOut, attention, attn_residual, check_plain_block, mlp_residual
-from accel.reducers.base import State, TokenReducer, check_keep_rate
+from accel.reducers.base import State, TokenReducer, TracesSources, check_keep_rate
 from accel.reducers.masked_softmax import masked_softmax
 from accel.reducers.selection import PrunedMergedTokens
 
@@ -128,7 +128,7 @@ def _check_schedule(name: str, values, depth: int, least: int) -> List[int]:
     return values
 
 
-class DiffRate(TokenReducer):
+class DiffRate(TracesSources, TokenReducer):
     """Token pruning and merging with per-block kept numbers, fixed or searched (DiffRate, ICCV 2023).
 
     Args:
@@ -187,14 +187,6 @@ class DiffRate(TokenReducer):
         value = check_keep_rate(keep_rate)
         self._check_keep_rate(value)
         super().set_keep_rate(value)
-
-    @property
-    def tracing(self) -> bool:
-        return self.trace_source
-
-    def set_tracing(self, enable: bool) -> None:
-        """Record which input tokens each token holds (``MergedTokens.source``)."""
-        self.trace_source = bool(enable)
 
     # --- binding: the schedule's length, and the search parameters -----------------------------------------------
     def bind(self, vit: nn.Module) -> None:

@@ -23,7 +23,7 @@ from torch import nn
 
 from accel.errors import UserInputError
 from accel.reducers.attention import attention, attn_residual, check_plain_block, mlp_residual
-from accel.reducers.base import State, TokenReducer, check_keep_rate
+from accel.reducers.base import State, TokenReducer, TracesSources, check_keep_rate
 from accel.reducers.selection import MergedTokens
 
 RSpec = Union[int, Sequence[int], Tuple[int, float]]
@@ -85,7 +85,7 @@ def merge(x: torch.Tensor, plan, mode: str = "sum") -> torch.Tensor:
     return torch.cat([unm, dst], dim=1)
 
 
-class ToMe(TokenReducer):
+class ToMe(TracesSources, TokenReducer):
     """Token merging with bipartite soft matching.
 
     Args:
@@ -122,14 +122,6 @@ class ToMe(TokenReducer):
         super().set_keep_rate(value)
         if self.depth:  # bound to a model: the schedule follows the new keep rate from the next forward
             self._schedule = self._make_schedule()
-
-    @property
-    def tracing(self) -> bool:
-        return self.trace_source
-
-    def set_tracing(self, enable: bool) -> None:
-        """Record which input tokens each merged token holds (``MergedTokens.source``)."""
-        self.trace_source = bool(enable)
 
     def bind(self, vit: nn.Module) -> None:
         super().bind(vit)
