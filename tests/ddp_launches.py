@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 import traceback
@@ -24,6 +25,8 @@ import traceback
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "train.py")
 PLAN_ENV = "ACCEL_TEST_LAUNCHES"
+# Found anywhere in stderr, not only at a line start: other output of the two ranks may precede it.
+LAUNCH_LINE = re.compile(r"=== launch (\d+) rank (\d+) rc (-?\d+|skipped)")
 WAIT_S = 300
 
 
@@ -75,6 +78,14 @@ def run_launch(args: list, extra: list) -> int:
     return 0
 
 
+def report(k: int, me: int, code) -> None:
+    """One ``=== launch`` line in a single write: both ranks share the pipe, and an unbuffered
+    stderr (PYTHONUNBUFFERED) would otherwise write the text and its newline apart, so that the two
+    ranks' lines could run together."""
+    sys.stderr.flush()
+    os.write(2, f"=== launch {k} rank {me} rc {code}\n".encode())
+
+
 def main() -> None:
     # As `python train.py`: the repository root first on the path (this script's folder stays after it,
     # for the test-only callbacks).
@@ -91,10 +102,10 @@ def main() -> None:
     for k, args in enumerate(launches):
         current[0] = k
         if me > 0 and k > 0 and not wait_for(signals, k):
-            print(f"=== launch {k} rank {me} rc skipped", file=sys.stderr, flush=True)
+            report(k, me, "skipped")
             os._exit(1)
         code = run_launch(args, extra)
-        print(f"=== launch {k} rank {me} rc {code}", file=sys.stderr, flush=True)
+        report(k, me, code)
         if code != 0:
             if me == 0:
                 open(os.path.join(signals, f"{k}.failed"), "a").close()

@@ -30,7 +30,7 @@ import timm
 import torch
 
 from conftest import CONF, QUIET, ROOT, make_cfg, write_jpeg_folder
-from ddp_launches import PLAN_ENV
+from ddp_launches import LAUNCH_LINE, PLAN_ENV
 from pipeline import build
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -125,10 +125,8 @@ def runs(tmp_path_factory) -> Dict[str, Run]:
     done = subprocess.run([sys.executable, os.path.join(TESTS, "ddp_launches.py")], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
     codes: Dict[int, List[str]] = {}
-    for line in done.stderr.splitlines():
-        if line.startswith("=== launch "):
-            _, _, k, _, rank, _, code = line.split()
-            codes.setdefault(int(k), []).append(f"rank {rank}: {code}")
+    for k, rank, code in LAUNCH_LINE.findall(done.stderr):
+        codes.setdefault(int(k), []).append(f"rank {rank}: {code}")
     return {experiment: Run(str(run_dir), str(out), data, sorted(codes.get(2 * i, [])) + sorted(codes.get(2 * i + 1, [])),
                             done.stderr[-6000:])
             for i, (experiment, (run_dir, out)) in enumerate(found.items())}
