@@ -103,14 +103,17 @@ def build(overrides: List[str], args) -> Entry:
     flags = [o for o in overrides if o in FLAGS]
     cfg = compose_cfg(["data=synthetic", *sized, *[o for o in overrides if o not in FLAGS], *args.model_args.split()])
     net = instantiate(cfg.module).net
-    # The method is the configured reducer's class; its knob is ToMe's explicit r, else the keep rate
-    # of the built network (TokenReducingNet, where a model's own defaults are applied), else none.
+    # The method is the configured reducer's class; its knob is the class's own (ToMe's r, DiffRate's
+    # schedule) where the config sets it, else the keep rate of the built network (TokenReducingNet,
+    # where a model's own defaults are applied), else none.
     reducer = cfg.get("reducer") or {}
-    method = method_label(get_class(reducer["_target_"])) if reducer else ""
+    reducer_class = get_class(reducer["_target_"]) if reducer else None
+    method = method_label(reducer_class)
     model = OmegaConf.to_container(cfg.model, resolve=True)
     backbone = backbone_name(str(model.get("name") or model.get("model_name") or model["_target_"]), model)
-    if reducer.get("r") is not None:
-        knob, value = "r", format_value(OmegaConf.to_container(reducer, resolve=True)["r"])
+    own_knob = getattr(reducer_class, "knob", None)
+    if own_knob and reducer.get(own_knob) is not None:
+        knob, value = own_knob, format_value(OmegaConf.to_container(reducer, resolve=True)[own_knob])
     elif isinstance(net, TokenReducingNet):
         knob, value = "keep_rate", format_value(float(net.keep_rate))
     else:

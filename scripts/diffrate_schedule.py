@@ -25,7 +25,7 @@ def main() -> None:
     prune, merge, cost = schedule_from_state_dict(read_state_dict(args.ckpt))
     print(f"prune_kept_num: {prune}\nmerge_kept_num: {merge}\nGFLOPs: {cost:.4f}")
     as_list = lambda values: "[" + ",".join(str(v) for v in values) + "]"  # noqa: E731 (Hydra: no spaces)
-    print(f"overrides: reducer.search=false 'reducer.prune={as_list(prune)}' 'reducer.merge={as_list(merge)}'")
+    print(f"overrides: reducer.search=false reducer.schedule=null 'reducer.prune={as_list(prune)}' 'reducer.merge={as_list(merge)}'")
 
 
 if __name__ == "__main__":

@@ -58,8 +58,8 @@ def method_label(reducer_class: Optional[type]) -> str:
 def extra_words(overrides: Sequence[str], flags: Sequence[str]) -> List[str]:
     """What a row changed beyond the model, the reducer and the knob, as the label shows it."""
     # In the backbone's or the method's name already, or not the model's design (weights, data).
-    skip = ("model=", "model.name=", "model.model_name=", "reducer=", "keep_rate=", "reducer.r=", "data.",
-            "model.pretrained_path=", *(f"model.{k}=" for k in ARCHITECTURE_KEYS))
+    skip = ("model=", "model.name=", "model.model_name=", "reducer=", "keep_rate=", "reducer.r=", "reducer.schedule=",
+            "data.", "model.pretrained_path=", *(f"model.{k}=" for k in ARCHITECTURE_KEYS))
     words = [OVERRIDE_NAMES.get(o, o) for o in overrides if not o.lstrip("+~").startswith(skip)]
     return words + [FLAG_NAMES.get(f, f) for f in flags]
 

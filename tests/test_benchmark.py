@@ -68,7 +68,8 @@ def test_reducers_cost_what_the_readme_table_says_and_the_plot_names_each_model(
     bench = load_benchmark()
     from accel.reducers import EvoViT
     EVO = f"{EvoViT.label or 'EvoViT'}-DeiT-S kr 0.5"     # Evo-ViT as its class names itself
-    args = bench.parse(["deit_s", "evit_deit_s keep_rate=0.5,0.7", "evo_deit_s", "tome_deit_s", "swin_t", "--no-train", "--batch", "1", "--warmup", "0",
+    args = bench.parse(["deit_s", "evit_deit_s keep_rate=0.5,0.7", "evo_deit_s", "tome_deit_s",
+                        "diffrate_deit_s reducer.schedule=2.3", "swin_t", "--no-train", "--batch", "1", "--warmup", "0",
                         "--runs", "1", "--out-dir", str(tmp_path), "--wandb"])
     fig = bench.report(bench.run(args), args)
     with open(tmp_path / "benchmark.csv") as f:
@@ -77,14 +78,16 @@ def test_reducers_cost_what_the_readme_table_says_and_the_plot_names_each_model(
                       "gmacs", "params_M", "setting"]
     rows = {line[1]: dict(zip(header, line)) for line in lines}
     names = ["DeiT-S", "EViT-DeiT-S kr 0.5", "EViT-DeiT-S kr 0.7", EVO, "ToMe-DeiT-S r 13",
-             "Swin-T"]
+             "DiffRate-DeiT-S schedule 2.3", "Swin-T"]
     assert list(rows) == names
     assert [(r["knob"], r["knob_value"]) for r in rows.values()] == [
-        ("", ""), ("keep_rate", "0.5"), ("keep_rate", "0.7"), ("keep_rate", "0.5"), ("r", "13"), ("", "")]
+        ("", ""), ("keep_rate", "0.5"), ("keep_rate", "0.7"), ("keep_rate", "0.5"), ("r", "13"), ("schedule", "2.3"), ("", "")]
     gmacs = {name: float(r["gmacs"]) for name, r in rows.items()}
     assert gmacs["DeiT-S"] == pytest.approx(4.60, abs=0.005)
     for name, known in (("EViT-DeiT-S kr 0.7", 3.03), (EVO, 3.03), ("ToMe-DeiT-S r 13", 2.71)):
         assert gmacs[name] / gmacs["DeiT-S"] == pytest.approx(known / 4.60, rel=0.01)
+    # DiffRate's authors name their searched schedules by what they cost (their FLOPs are MACs).
+    assert gmacs["DiffRate-DeiT-S schedule 2.3"] == pytest.approx(2.3, rel=0.02)
     params = {name: float(r["params_M"]) for name, r in rows.items()}
     assert params["DeiT-S"] == params["EViT-DeiT-S kr 0.7"] == params["ToMe-DeiT-S r 13"] == 22.0507  # 22,050,664
     aux_cls_head = 2 * 384 + 384 * 1000 + 1000                                 # its LayerNorm and Linear
@@ -93,7 +96,7 @@ def test_reducers_cost_what_the_readme_table_says_and_the_plot_names_each_model(
     ax, = fig.axes[:1]
     assert [t.get_text() for t in fig.legends[0].get_texts()] == [
         "baseline: DeiT-S", "DeiT-S", "EViT-DeiT-S, kr 0.5, 0.7", EVO, "ToMe-DeiT-S r 13",
-        "Swin-T"]
+        "DiffRate-DeiT-S schedule 2.3", "Swin-T"]
     lines = {line.get_label(): line for line in ax.get_lines()}
     evit = lines["EViT-DeiT-S, kr 0.5, 0.7"]
     assert evit.get_linestyle() == "-" and sorted(evit.get_xdata()) == sorted([gmacs["EViT-DeiT-S kr 0.5"],

@@ -117,6 +117,10 @@ def test_keep_rate_is_the_search_target_and_refused_with_a_fixed_schedule():
         DiffRate(prune, merge, search=True)
     with pytest.raises(UserInputError, match="4 kept numbers"):
         with_reducer(vit(), DiffRate(prune[:3], merge[:3]))
+    with pytest.raises(UserInputError, match=r"schedule=2.3 and prune/merge lists .*reducer.schedule=null"):
+        DiffRate(prune, merge, schedule=2.3)
+    with pytest.raises(UserInputError, match=r"schedule=2.3 on a ViT of embed_dim .* DeiT-S \(embed_dim 384\): 2.3, 2.5"):
+        with_reducer(vit(), DiffRate(schedule=2.3))
     net, reducer = searching("decreasing", keep_rate=0.6)
     full = [197] * 4
     assert reducer.target_gflops == pytest.approx(0.6 * reducer.gflops((full, full)))

@@ -51,6 +51,9 @@ class TokenReducer(nn.Module):
     layerwise: Optional[bool] = None
     #: The method's name as papers write it, for plots and tables ("Evo-ViT"); None: the class name.
     label: Optional[str] = None
+    #: The constructor argument that, when set, names the point on the method's speed/accuracy curve in
+    #: place of the keep rate (ToMe's ``r``, DiffRate's ``schedule``); None: the keep rate always does.
+    knob: Optional[str] = None
 
     def __init__(self, keep_rate: float = 1.0, explicit_attention: bool = False) -> None:
         super().__init__()

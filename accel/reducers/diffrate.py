@@ -8,8 +8,8 @@ In every block, between the attention residual and the MLP, the tokens are sorte
 those the first ``merge[i]`` stay while the others are merged into their most similar kept token.
 Counts include [CLS], as the authors' ``compression_rate.json`` writes them.
 
-**Eval (and training with a fixed schedule)**: the per-block kept numbers ``prune``/``merge`` (the
-default config: the released ViT-S 2.9 GFLOPs schedule). Tokens are really removed: a block runs on
+**Eval (and training with a fixed schedule)**: the per-block kept numbers ``prune``/``merge``, or
+``schedule``, one of the authors' searched DeiT schedules by GFLOPs (the default config: DeiT-S 2.9). Tokens are really removed: a block runs on
 ``min(n, prune[i], merge[i])`` tokens after its compression.
 
 **Search** (``search=True``; Sec. 3.3): per block 1.. and per kind, learnable logits θ over the
@@ -53,6 +53,7 @@ from torch import nn
 from accel.errors import UserInputError
 from accel.reducers.attention import AttnOut, attention, attn_residual, check_plain_block, mlp_residual
 from accel.reducers.base import State, TokenReducer, TracesSources, check_keep_rate
+from accel.reducers.diffrate_schedules import authors_schedule
 from accel.reducers.masked_softmax import masked_softmax
 from accel.reducers.selection import PrunedMergedTokens
 
@@ -133,8 +134,10 @@ class DiffRate(TracesSources, TokenReducer):
 
     Args:
         prune: kept numbers after pruning, one per block, [CLS] included (``compression_rate.json``'s
-            ``prune_kept_num``); required unless ``search``.
+            ``prune_kept_num``); with ``merge``, required unless ``schedule`` or ``search``.
         merge: kept numbers after merging, likewise (``merge_kept_num``).
+        schedule: one of the authors' searched DeiT schedules by its GFLOPs (DeiT-S: 2.3, 2.5, 2.7, 2.9,
+            3.1; ``accel.reducers.diffrate_schedules``), chosen for the DeiT width at binding.
         search: learn the kept numbers (θ under ``reducer.prune_logits.<i>`` / ``reducer.merge_logits.<i>``,
             i = 0 for block 1):
             training forwards are the differentiable search, eval forwards use the current θ.
@@ -148,20 +151,28 @@ class DiffRate(TracesSources, TokenReducer):
         explicit_attention: eval attention as the full N×N matrix, as the reference code does.
     """
 
+    knob = "schedule"
+
     def __init__(self, prune: Optional[Sequence[int]] = None, merge: Optional[Sequence[int]] = None,
                  search: bool = False, granularity: int = 4, target_flops: Optional[float] = None,
                  loss_weight: float = 5.0, keep_rate: float = 1.0, trace_source: bool = False,
-                 explicit_attention: bool = False) -> None:
+                 explicit_attention: bool = False, schedule: Optional[float] = None) -> None:
         super().__init__(keep_rate, explicit_attention)
         self.search = bool(search)
-        if self.search and (prune is not None or merge is not None):
-            raise UserInputError(f"DiffRate search=true learns the kept numbers, but prune={prune} and merge={merge} "
-                                 "were given; expected reducer.prune=null reducer.merge=null for a search.")
-        if not self.search and (prune is None or merge is None):
-            raise UserInputError("DiffRate without search needs both reducer.prune and reducer.merge (kept numbers "
-                                 "per block); expected lists such as compression_rate.json's, or reducer.search=true.")
+        given = {k: v for k, v in (("schedule", schedule), ("prune", prune), ("merge", merge)) if v is not None}
+        if self.search and given:
+            raise UserInputError(f"DiffRate search=true learns the kept numbers, but {given} was given; expected "
+                                 "reducer.schedule=null reducer.prune=null reducer.merge=null for a search.")
+        if schedule is not None and (prune is not None or merge is not None):
+            raise UserInputError(f"DiffRate got schedule={schedule} and prune/merge lists {given}; expected one of "
+                                 "them: reducer.schedule=null to use the lists.")
+        if not self.search and schedule is None and (prune is None or merge is None):
+            raise UserInputError("DiffRate without search needs reducer.schedule (one of the authors' searched "
+                                 "GFLOPs) or both reducer.prune and reducer.merge (kept numbers per block); "
+                                 "expected lists such as compression_rate.json's, or reducer.search=true.")
         if int(granularity) < 1:
             raise UserInputError(f"DiffRate granularity={granularity}: expected a positive number of tokens.")
+        self.schedule = None if schedule is None else float(schedule)
         self._prune = None if prune is None else list(prune)
         self._merge = None if merge is None else list(merge)
         self.granularity = int(granularity)
@@ -202,6 +213,8 @@ class DiffRate(TracesSources, TokenReducer):
         self.patch_size = tuple(vit.patch_embed.patch_size)
         self.num_classes = vit.num_classes
         if not self.search:
+            if self.schedule is not None:
+                self._prune, self._merge = authors_schedule(self.schedule, self.embed_dim, self.depth)
             self._prune = _check_schedule("prune", self._prune, self.depth, 1)
             self._merge = _check_schedule("merge", self._merge, self.depth, 2)
             return

@@ -99,6 +99,8 @@ class ToMe(TracesSources, TokenReducer):
         explicit_attention: compute the full attention matrix as the reference code does.
     """
 
+    knob = "r"
+
     def __init__(self, r: Optional[RSpec] = 13, keep_rate: float = 1.0, prop_attn: bool = True,
                  trace_source: bool = False, explicit_attention: bool = False) -> None:
         super().__init__(keep_rate, explicit_attention)
