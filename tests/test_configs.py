@@ -134,6 +134,15 @@ RECIPES = {
     "evit_digits": dict(params=2_712_010, reducer="EViT", batch=64, epochs=30, ema=None, teacher=None,
                         schedule=(0.7, 5, 10, None)),
     "ats_digits": dict(params=2_712_010, reducer="ATS", batch=64, epochs=30, ema=None, teacher=None, schedule=None),
+    # Haurum et al.'s methods at a fixed keep rate; DPC-KNN adds a C→1 score layer per location, PatchMerger a
+    # LayerNorm and 11 (then 7) learned queries.
+    "topk_digits": dict(params=2_712_010, reducer="TopK", batch=64, epochs=30, ema=None, teacher=None, schedule=None),
+    "kmedoids_digits": dict(params=2_712_010, reducer="KMedoids", batch=64, epochs=30, ema=None, teacher=None,
+                            schedule=None),
+    "dpcknn_digits": dict(params=2_712_010 + 2 * (192 + 1), reducer="DPCKNN", batch=64, epochs=30, ema=None,
+                          teacher=None, schedule=None),
+    "patchmerger_digits": dict(params=2_712_010 + 2 * 2 * 192 + (11 + 7) * 192, reducer="PatchMerger", batch=64,
+                               epochs=30, ema=None, teacher=None, schedule=None),
     # DiffRate's search: the network plus 2 × 49 kept-number logits per block 1..11 (only those train).
     "diffrate_deit_s_search": dict(params=22_051_742, reducer="DiffRate", batch=1024, epochs=3, ema=None,
                                    teacher=None, schedule=None),
