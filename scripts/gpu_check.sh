@@ -12,16 +12,18 @@
 # 3. scripts/benchmark.py --device cuda --dtype bf16 on DeiT-S, EViT kr 0.5…0.9, Evo-ViT, ToMe r 13 and
 #    the explicit-attention variants: eager (inference at batch 256 and a training step at batch 128) in
 #    OUT_DIR/eager/, then torch.compile'd inference of DeiT-S, EViT kr 0.7, Evo-ViT and ToMe r 13 in
-#    OUT_DIR/compile/ (benchmark.csv, benchmark.png in each).
+#    OUT_DIR/compile/, and eager inference of the baselines (Top-K, ATS, DynamicViT, DiffRate 2.9,
+#    K-Medoids, DPC-KNN, PatchMerger) against DeiT-S in OUT_DIR/baselines/ (benchmark.csv, benchmark.png
+#    in each).
 #
-# Bounded to well inside 8 minutes: every step runs under `timeout` (pytest 200 s, eager benchmark
-# 100 s, compiled benchmark 130 s: 430 s at most, plus the installs), with few timed rounds (RUNS=5,
+# Bounded to well inside 9 minutes: every step runs under `timeout` (pytest 200 s, eager benchmark
+# 100 s, compiled benchmark 130 s, baselines 60 s: 490 s at most, plus the installs), with few timed rounds (RUNS=5,
 # WARMUP=2). A step that fails or times out is recorded in OUT_DIR/summary.txt and the next one still
 # runs; the exit status is non-zero if any step failed.
 #
 # Settings (environment): PYTHON (default .venv/bin/python if present, else python3), WHEELS, DEVICE
 # (cuda), DTYPE (bf16), BATCH (256), TRAIN_BATCH (128), RUNS (5), WARMUP (2), SKIP_PYTEST=1,
-# PYTEST_TIMEOUT, EAGER_TIMEOUT, COMPILE_TIMEOUT. A dry run of the benchmark calls on a CPU:
+# PYTEST_TIMEOUT, EAGER_TIMEOUT, COMPILE_TIMEOUT, BASELINES_TIMEOUT. A dry run of the benchmark calls on a CPU:
 #   DEVICE=cpu DTYPE=fp32 BATCH=1 TRAIN_BATCH=2 RUNS=1 WARMUP=0 SKIP_PYTEST=1 bash scripts/gpu_check.sh /tmp/x
 set -u -o pipefail
 
@@ -113,6 +115,12 @@ step bench_eager "${EAGER_TIMEOUT:-100}" "$PYTHON" scripts/benchmark.py "${MODEL
 COMPILED=(deit_s "evit_deit_s keep_rate=0.7" evo_deit_s "tome_deit_s reducer.r=13")
 step bench_compile "${COMPILE_TIMEOUT:-130}" "$PYTHON" scripts/benchmark.py "${COMPILED[@]}" "${COMMON[@]}" \
     --compile --no-train --out-dir "$OUT/compile"
+# The baselines at their papers' settings, eager inference only (their training is in the cuda tests).
+BASELINES=(deit_s "topk_deit_s keep_rate=0.7" ats_deit_s "dynamicvit_deit_s keep_rate=0.7"
+           "diffrate_deit_s reducer.schedule=2.9" "kmedoids_deit_s keep_rate=0.7" "dpcknn_deit_s keep_rate=0.7"
+           "patchmerger_deit_s keep_rate=0.7")
+step bench_baselines "${BASELINES_TIMEOUT:-60}" "$PYTHON" scripts/benchmark.py "${BASELINES[@]}" "${COMMON[@]}" \
+    --no-train --out-dir "$OUT/baselines"
 
 echo "== files" | tee -a "$SUMMARY"
 (cd "$OUT" && ls -1 */benchmark.* pytest.xml 2>/dev/null) | tee -a "$SUMMARY"

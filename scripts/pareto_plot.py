@@ -4,7 +4,7 @@ A row's name is the method and the backbone as papers write them, then what was 
 method's knob: "DeiT-S", "Slide-Swin-T re-param", "EViT-DeiT-S kr 0.7", "ToMe-DeiT-S r 13". The
 method is the reducer class's ``label`` (``accel.reducers.TokenReducer.label``, the class name when
 unset), so new reducers are named without an edit here; the backbone comes from the model config's
-timm name. A curve is one method on one backbone over its knob (keep rate, or ToMe's r).
+timm name. A curve is one method on one backbone over its knob (keep rate, ToMe's r, DiffRate's schedule).
 
     python scripts/pareto_plot.py benchmarks/benchmark.csv     # redraw benchmark.png from the CSV
 """
@@ -33,6 +33,8 @@ FLAG_NAMES = {"packed": "packed", "fused": "fused", "reparam": "re-param", "sdpa
 #: Overrides with a short name in labels; others that are not the model, reducer or knob are shown as written.
 OVERRIDE_NAMES = {"reducer.explicit_attention=true": "reference attention"}
 KNOB_NAMES = {"keep_rate": "kr", "r": "r"}
+#: Up to this many curves, each point is labelled with its knob value.
+MAX_LABELLED_CURVES = 4
 
 
 def backbone_name(name: str, model_cfg: Optional[Dict] = None) -> str:
@@ -102,6 +104,11 @@ stands to the right of the panels (``fig.legends[0]``)."""
     for r in rows:
         curves.setdefault((r["curve"], r["knob"]), []).append(r)
     markers = "osD^vPX*<>hp"
+    # More curves than the default cycle's 10 colours would repeat colours: tab20 then.
+    colours = matplotlib.colormaps["tab20" if len(curves) > 10 else "tab10"].colors
+    # Each curve point carries its knob value while that stays readable; beyond a few curves the
+    # labels overlap, and the legend lists each curve's values instead.
+    label_points = sum(len(m) > 1 for m in curves.values()) <= MAX_LABELLED_CURVES
     for ax, x, y in panels:
         bx, by = _num(base, x), _num(base, y)
         ax.axhline(by, color="0.4", linestyle=":", linewidth=1)
@@ -114,8 +121,8 @@ stands to the right of the panels (``fig.legends[0]``)."""
             knob = KNOB_NAMES.get(pts[0]["knob"], pts[0]["knob"])
             label = pts[0]["label"] if single else f"{curve}, {knob} " + ", ".join(p["knob_value"] for p in members)
             drawn, = ax.plot([_num(p, x) for p in pts], [_num(p, y) for p in pts], marker=markers[k % len(markers)],
-                             linestyle="none" if single else "-", label=label)
-            for p in pts:   # single points carry their name, curves' points their knob value, in its colour
+                             color=colours[k % len(colours)], linestyle="none" if single else "-", label=label)
+            for p in pts if single or label_points else ():   # names of single points, knob values of curves'
                 text = p["label"] if single else f"{knob} {p['knob_value']}"
                 ax.annotate(text, (_num(p, x), _num(p, y)), textcoords="offset points", xytext=(5, 4), fontsize=6.5,
                             color=drawn.get_color())

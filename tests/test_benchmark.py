@@ -66,8 +66,7 @@ def test_reducers_cost_what_the_readme_table_says_and_the_plot_names_each_model(
     single named points, the baseline as reference lines; --wandb logs the rows as a table."""
     monkeypatch.setenv("WANDB_MODE", "offline")
     bench = load_benchmark()
-    from accel.reducers import EvoViT
-    EVO = f"{EvoViT.label or 'EvoViT'}-DeiT-S kr 0.5"     # Evo-ViT as its class names itself
+    EVO = "Evo-ViT-DeiT-S kr 0.5"
     args = bench.parse(["deit_s", "evit_deit_s keep_rate=0.5,0.7", "evo_deit_s", "tome_deit_s",
                         "diffrate_deit_s reducer.schedule=2.3", "swin_t", "--no-train", "--batch", "1", "--warmup", "0",
                         "--runs", "1", "--out-dir", str(tmp_path), "--wandb"])
@@ -137,6 +136,20 @@ def test_pareto_plot_adds_accuracy_against_throughput_with_data(pareto_plot):
     assert sorted(t.get_text() for t in accuracy.texts) == ["DeiT-S", "kr 0.5", "kr 0.7"]
     assert {(line.get_xdata()[0], line.get_ydata()[0]) for line in accuracy.get_lines()
             if line.get_linestyle() == ":"} == {(0, 0.79), (10.0, 0)}
+
+
+def test_a_plot_of_many_methods_keeps_them_apart(pareto_plot):
+    """Twelve methods (as the README's plot draws them): each curve its own colour, and no per-point
+    knob labels piled on each other; the legend lists each curve's values."""
+    rows = [dict(label="DeiT-S", curve="DeiT-S", knob="", knob_value="", gmacs="4.6", infer_img_s="10")]
+    for m in range(12):
+        rows += [dict(label=f"M{m}-DeiT-S kr {kr}", curve=f"M{m}-DeiT-S", knob="keep_rate", knob_value=kr,
+                      gmacs=str(2 + m / 10 + float(kr)), infer_img_s=str(20 - m)) for kr in ("0.5", "0.7")]
+    ax, = pareto_plot.figure(rows).axes
+    curves = [line for line in ax.get_lines() if line.get_label().startswith("M")]
+    assert len(curves) == 12 and len({line.get_color() for line in curves}) == 12
+    assert [t.get_text() for t in ax.texts] == ["DeiT-S"]
+    assert curves[0].get_label() == "M0-DeiT-S, kr 0.5, 0.7"
 
 
 def test_method_names_come_from_the_reducer_class(pareto_plot):

@@ -49,6 +49,8 @@ class EvoViT(evo_core.LayerToStage, TokenReducer):
         explicit_attention: compute the full attention matrix as the reference code does.
     """
 
+    label = "Evo-ViT"
+
     def __init__(self, keep_rate: float = 0.5, start: int = 4, stages: Sequence[int] = (4, 8), tradeoff: float = 0.5,
                  fast_path: str = "none", layerwise_training: bool = True, aux_cls_head: bool = True,
                  explicit_attention: bool = False) -> None:
