@@ -11,6 +11,9 @@ from torch import nn
 
 from accel.backbones import create_evo_levit, with_reducer
 from accel.reducers import DPCKNN, EViT, EvoViT, KMedoids, PatchMerger, ToMe
+from accel.reducers.ats import ATS
+from accel.reducers.diffrate import DiffRate
+from accel.reducers.dynamicvit import DynamicViT
 from accel.reducers.topk import TopK
 
 IMG = 64
@@ -29,6 +32,12 @@ REDUCERS: Dict[str, Callable[[], nn.Module]] = {
     "kmedoids": lambda: KMedoids(0.5, locations=(1, 3)),
     "dpcknn": lambda: DPCKNN(0.5, locations=(1, 3)),
     "patchmerger": lambda: PatchMerger(0.5, locations=(1, 3)),
+    "ats": lambda: ATS(0.5, locations=(1, 2, 3, 4)),
+    "ats_static": lambda: ATS(0.5, locations=(1, 2, 3, 4), static_width=True),
+    "dynamicvit": lambda: DynamicViT(0.7, locations=(1, 3)),
+    # kept numbers with [CLS] per block, of 65 tokens
+    "diffrate": lambda: DiffRate(prune=[65, 60, 48, 40, 32, 24], merge=[65, 56, 44, 36, 28, 20]),
+    "diffrate_search": lambda: DiffRate(search=True, granularity=8, keep_rate=0.6),
 }
 
 

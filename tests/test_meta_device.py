@@ -34,9 +34,20 @@ def test_the_recorder_sees_a_tensor_created_on_the_cpu():
     assert rec.ops == ["aten.arange.default"]
 
 
+# Forwards whose shapes are values the host must read back, which meta tensors do not have (each read-back
+# is counted in test_host_sync.py): ATS padded to the batch's widest image (``ats_static`` runs the same
+# code with its width from the shapes, and is checked here), and DiffRate's search at eval (kept numbers
+# from θ; its training forward, masks over every token, is checked).
+DATA_DEPENDENT_SHAPES = {("ats", False), ("ats", True), ("diffrate_search", False)}
+# Training forwards that mask tokens instead of removing them record no selection.
+MASKED_IN_TRAINING = {"dynamicvit", "diffrate_search"}
+
+
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", [n for n in NAMES if {(n, False), (n, True)} - DATA_DEPENDENT_SHAPES])
 def test_forward_creates_every_tensor_on_the_input_device(name, train):
+    if (name, train) in DATA_DEPENDENT_SHAPES:
+        pytest.skip(f"{name} {'train' if train else 'eval'}: its shapes are data (DATA_DEPENDENT_SHAPES)")
     with torch.device("meta"):  # build only: the forward below runs without a default device
         net = build(name)
     net.train(train).set_tracing(True)  # ToMe also builds its merge sources
@@ -47,5 +58,5 @@ def test_forward_creates_every_tensor_on_the_input_device(name, train):
             sum(o.sum() for o in head_logits(out)).backward()
     assert rec.ops == []
     assert all(o.device.type == "meta" for o in head_logits(out))
-    assert net.selections and all(t.device.type == "meta" for s in net.selections
-                                  for t in vars(s).values() if isinstance(t, torch.Tensor))
+    assert bool(net.selections) != (train and name in MASKED_IN_TRAINING)
+    assert all(t.device.type == "meta" for s in net.selections for t in vars(s).values() if isinstance(t, torch.Tensor))

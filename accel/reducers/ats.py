@@ -26,6 +26,12 @@ it differs from the paper:
   longest of its batch — the code normalises that one without its zeros, so its tokens depend on
   the other images in the batch. Here an image's tokens and logits never do (up to the eps terms):
   each image gets what the code gives with ``DROP_TOKENS=False``.
+* ``static_width=True`` pads every image to the K samples instead (at most ``min(K, n)`` distinct tokens
+  of the block's n), the width the code's ``DROP_TOKENS=False`` keeps: the width is then known from
+  the shapes, so a forward reads nothing back to the host (the batch's widest count costs one
+  read-back per sampling block) and torch.compile traces it as one graph (CUDA graphs too), at the
+  cost of up to K rows per block where the batch's widest image may keep fewer. Tokens and logits
+  are the same either way (padding is never attended to).
 * No loop over images: sorting, the CDF, the nearest-sample search (a [B, K, n] distance table, as
   in the code) and the de-duplication are batched tensor operations.
 
@@ -57,12 +63,15 @@ class ATS(TokenReducer):
             with, in (0, 1]; 1 = the authors' setting. Images keep at most that many tokens.
         locations: 0-based indices of the sampling blocks.
         explicit_attention: the reference style (full N×N attention with the masked softmax).
+        static_width: pad to the K samples rather than to the batch's widest image: no host read-back
+            and one torch.compile graph, more rows per block (see the module docstring).
     """
 
     def __init__(self, keep_rate: float = 1.0, locations: Sequence[int] = tuple(range(3, 12)),
-                 explicit_attention: bool = False) -> None:
+                 explicit_attention: bool = False, static_width: bool = False) -> None:
         super().__init__(keep_rate, explicit_attention)
         self.locations = tuple(int(i) for i in locations)
+        self.static_width = bool(static_width)
 
     def bind(self, vit: nn.Module) -> None:
         super().bind(vit)
@@ -147,10 +156,14 @@ class ATS(TokenReducer):
         picked = (ys.unsqueeze(2) - cdf.unsqueeze(1)).abs().min(dim=2).indices.sort(dim=1).values   # [B, K]
         repeat = F.pad(picked[:, 1:] == picked[:, :-1], (0, 1), value=False)   # keep the last of each run
         picked = picked.masked_fill(repeat, n).sort(dim=1).values
-        counts = (~repeat).sum(dim=1)
-        fewest, width = torch.stack([counts.min(), counts.max()]).tolist()     # one host sync per block
+        if self.static_width:
+            width, padded = min(K, n), True    # at most K distinct samples of n tokens: known from the shapes
+        else:
+            counts = (~repeat).sum(dim=1)
+            fewest, width = torch.stack([counts.min(), counts.max()]).tolist()     # one host sync per block
+            padded = fewest < width
         picked = picked[:, :width]
-        return order.gather(1, picked.clamp(max=n - 1)), picked < n, fewest < width
+        return order.gather(1, picked.clamp(max=n - 1)), picked < n, padded
 
     def _attend(self, attn, q, k, v, keys, rows) -> torch.Tensor:
         """The attention output of the query rows ``rows`` [B, R] over every unpadded key, after proj."""

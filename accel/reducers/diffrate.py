@@ -68,19 +68,19 @@ def ceil_ste(x: torch.Tensor) -> torch.Tensor:
 def kept_number(logits: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
     """DiffRate's kept number (with [CLS]) of one block from its logits over ``candidates``:
     ``ceil(c·softmax(θ)) + 1``, differentiable by the straight-through ceil; float32."""
-    with torch.autocast(candidates.device.type, enabled=False):
-        return ceil_ste(torch.matmul(candidates, logits.float().softmax(dim=-1))) + 1
+    # torch.dot, not matmul: autocast promotes dot (float32 in, float32 out) where it would run matmul in
+    # bf16/fp16, and it needs no autocast context (which the meta device has not).
+    return ceil_ste(torch.dot(candidates, logits.float().softmax(dim=-1))) + 1
 
 
 def schedule_from_logits(prune_logits: Sequence[torch.Tensor], merge_logits: Sequence[torch.Tensor],
                          candidates: torch.Tensor) -> Schedule:
     """The fixed schedule (prune, merge kept numbers per block, [CLS] included) that searched logits
     (one vector over the candidates per block 1..depth-1) give; block 0 keeps everything."""
-    full = int(candidates[0]) + 1
     with torch.no_grad():
-        prune = [full] + [int(kept_number(row, candidates)) for row in prune_logits]
-        merge = [full] + [int(kept_number(row, candidates)) for row in merge_logits]
-    return prune, merge
+        kept = torch.stack([candidates[0] + 1] + [kept_number(row, candidates) for row in (*prune_logits, *merge_logits)])
+    full, *numbers = (int(k) for k in kept.tolist())   # one read-back for the whole schedule
+    return [full] + numbers[:len(prune_logits)], [full] + numbers[len(prune_logits):]
 
 
 def gflops(embed_dim: int, patch_size: Sequence[int], num_classes: int, num_patches: int, kept) -> torch.Tensor:
@@ -91,11 +91,15 @@ def gflops(embed_dim: int, patch_size: Sequence[int], num_classes: int, num_patc
     gradient goes to both kept numbers, none to N)."""
     C = float(embed_dim)
     n0 = float(num_patches + 1)
-    n = torch.tensor(n0)
-    flops = torch.zeros(())
+    kept = list(kept)
+    tensors = [k for pair in kept for k in pair if isinstance(k, torch.Tensor)]
+    device = tensors[0].device if tensors else torch.device("cpu")   # plain numbers: counted on the CPU
+    kept = [(torch.as_tensor(p, dtype=torch.float32, device=device),
+             torch.as_tensor(m, dtype=torch.float32, device=device)) for p, m in kept]
+    # A fill on the kept numbers' device, not a copy from the host (which synchronises on a GPU).
+    n = torch.full((), n0, device=device)
+    flops = torch.zeros((), device=device)
     for p, m in kept:
-        p, m = torch.as_tensor(p, dtype=torch.float32), torch.as_tensor(m, dtype=torch.float32)
-        n, flops = n.to(p.device), flops.to(p.device)
         flops = flops + 4 * n * C * C + 2 * n * n * C
         n = torch.minimum(torch.minimum(n, p), m).detach() + (p - p.detach()) + (m - m.detach())
         flops = flops + 8 * n * C * C
@@ -212,6 +216,9 @@ class DiffRate(TracesSources, TokenReducer):
         self.embed_dim = vit.embed_dim
         self.patch_size = tuple(vit.patch_embed.patch_size)
         self.num_classes = vit.num_classes
+        full = [self.num_patches + 1] * self.depth
+        # Once here rather than per step: the float is a read-back the training step should not make.
+        self._full_gflops = self.gflops((full, full))
         if not self.search:
             if self.schedule is not None:
                 self._prune, self._merge = authors_schedule(self.schedule, self.embed_dim, self.depth)
@@ -236,11 +243,19 @@ class DiffRate(TracesSources, TokenReducer):
         or the one the current θ gives (the config takes it back as ``reducer.prune=… reducer.merge=…``)."""
         if not self.search:
             return list(self._prune), list(self._merge)
-        key = tuple(p._version for p in (*self.prune_logits, *self.merge_logits))
-        if self._cached is None or self._cached[0] != key:   # one read-back per θ update, not per forward
-            self._cached = (key, schedule_from_logits(self.prune_logits, self.merge_logits, self.candidates))
-        prune, merge = self._cached[1]
+        prune, merge = self._searched_schedule()
         return list(prune), list(merge)
+
+    # Token counts that are values of θ must be read back to the host before the eval forward can take its
+    # shapes: that read-back is cached per θ version (one per update, not per forward), and torch.compile
+    # runs it outside the graph (one graph break per forward, no recompilation while θ is unchanged), as
+    # dynamo can neither read a tensor's version counter nor guard on a tensor's values.
+    @torch.compiler.disable
+    def _searched_schedule(self) -> Schedule:
+        key = tuple(p._version for p in (*self.prune_logits, *self.merge_logits))
+        if self._cached is None or self._cached[0] != key:
+            self._cached = (key, schedule_from_logits(self.prune_logits, self.merge_logits, self.candidates))
+        return self._cached[1]
 
     def gflops(self, schedule: Optional[Schedule] = None) -> float:
         """GFLOPs of ``schedule`` (default: ``export()``) by the authors' formula."""
@@ -252,8 +267,7 @@ class DiffRate(TracesSources, TokenReducer):
         """The search target: ``target_flops``, or ``keep_rate`` of the uncompressed network's GFLOPs."""
         if self.target_flops is not None:
             return self.target_flops
-        full = [self.num_patches + 1] * self.depth
-        return self.keep_rate * self.gflops((full, full))
+        return self.keep_rate * self._full_gflops
 
     # --- forward -------------------------------------------------------------------------------------------------
     def reset(self, x: torch.Tensor, num_prefix: int) -> State:
@@ -398,7 +412,9 @@ def _match_masked(x: torch.Tensor, dst: torch.Tensor, src: torch.Tensor) -> Tupl
         allowed[0] = False
         similarity = similarity.masked_fill(~allowed, -math.inf)
         best, idx = similarity.max(dim=-1)
-        assign = torch.nn.functional.one_hot(idx, x.shape[1]).to(x.dtype) * src[None, :, None].to(x.dtype)
+        # A comparison, not F.one_hot: one_hot reads the indices' range back to the host.
+        positions = torch.arange(x.shape[1], device=x.device)
+        assign = (idx[..., None] == positions).to(x.dtype) * src[None, :, None].to(x.dtype)
     return assign, best
 
 
