@@ -10,6 +10,13 @@ preserves (Evo-LeViT: the logits scaled by 25). Where a selection still differs,
 The clustering reducers (K-Medoids, DPC-KNN, PatchMerger) are left out: every token joins its nearest of
 many centres, so at random weights bfloat16 moves a share of the tokens between clusters (K-Medoids
 about half, its medoids start from near-tied attention sums) and no selection can be compared.
+
+ATS samples the CDF of its scores at K points, so a block has some K decision boundaries instead of
+top-k's one, and with 64 image tokens of scores within a factor 2 of each other some boundary always
+lies within bfloat16's error of a sample: no image keeps exactly the float32 tokens, and ATS is exempt
+from "half the images agree". Its exchanges must still be near-ties of the sampling (``sampled_ties``).
+DiffRate's token sizes are similarity-weighted (not counts), so its selections are compared by the input
+patches each token holds (traced), not by sizes.
 """
 from __future__ import annotations
 
@@ -21,7 +28,7 @@ import pytest
 
 from accel.backbones import with_reducer
 from accel.reducers import ToMe
-from accel.reducers.selection import KeptTokens, MergedTokens, SlowFastTokens
+from accel.reducers.selection import KeptTokens, MergedTokens, PrunedMergedTokens, SlowFastTokens
 from small_nets import NAMES, build, images
 
 BATCH = 8
@@ -60,15 +67,50 @@ def scores_by_patch(sel):
             [set(k.tolist()) for k in sel.kept])
 
 
+def groups(sel: MergedTokens, sample: int):
+    """The input patches each token holds, as a set of sets (order-free)."""
+    return {frozenset(row.nonzero().flatten().tolist()) for row in sel.source[sample]}
+
+
 def same_selection(a, b, sample: int) -> bool:
+    if isinstance(a, PrunedMergedTokens):
+        return groups(a, sample) == groups(b, sample)
     if isinstance(a, MergedTokens):
         return a.size.shape == b.size.shape and torch.equal(a.size[sample], b.size[sample])
     return set(a.kept[sample].tolist()) == set(b.kept[sample].tolist())
 
 
+# Networks that sample their tokens from the CDF of their scores (ATS).
+SAMPLED = {"ats", "ats_static"}
+
+
+def sampled_ties(reducer, sel32: KeptTokens, sel16: KeptTokens, b: int) -> list:
+    """The tokens ATS exchanged in image ``b`` that are not near-ties of its sampling. A token is a
+    near-tie if (a) the other precision kept a token of float32 score within TIE_RTOL of its score in
+    its place (the order of near-equal scores decides which sits at a sampled position), or (b) a sample
+    point lies within TIE_RTOL of a neighbouring CDF step of the midpoint between its CDF value and a
+    neighbour's (the error of one score moves that boundary past the sample)."""
+    index, scores = sel32.source_index[b:b + 1], sel32.scores[b:b + 1]
+    order, cdf, ys = reducer.cdf_samples(scores, index, reducer.grid[0] * reducer.grid[1])
+    patch_at, cdf, ys = index[0][order[0]], cdf[0], ys[0]
+    steps = cdf[1:] - cdf[:-1]
+    near = (ys[None, :] - (cdf[1:] + cdf[:-1])[:, None] / 2).abs().min(dim=1).values <= TIE_RTOL * steps
+    score = dict(zip(index[0].tolist(), scores[0].tolist()))
+    kept32, kept16 = (set(s.kept[b][s.valid[b]].tolist()) for s in (sel32, sel16))
+    far = []
+    for j in kept32 ^ kept16:
+        others = kept16 - kept32 if j in kept32 else kept32 - kept16
+        t = int((patch_at == j).nonzero()[0])
+        boundary = bool((t > 0 and near[t - 1]) or (t < len(near) and near[t]))
+        if not boundary and all(abs(score[j] - score[o]) > TIE_RTOL * score[j] for o in others):
+            far.append(j)
+    return far
+
+
 @pytest.mark.parametrize("name", [n for n in NAMES if n not in ("kmedoids", "dpcknn", "patchmerger")])
 def test_bf16_eval_logits_and_selections_match_fp32(name):
     net = sharpened(name)
+    net.set_tracing(True)  # DiffRate: the input patches of each token
     x = images(BATCH)
     ref, s32 = run(net, x, bf16=False)
     out, s16 = run(net, x, bf16=True)
@@ -80,6 +122,8 @@ def test_bf16_eval_logits_and_selections_match_fp32(name):
             agreeing.append(b)
             err = (out[b] - ref[b]).abs().max()
             assert err <= LOGIT_RTOL * ref[b].abs().max(), (b, float(err))
+        elif name in SAMPLED:
+            assert sampled_ties(net.reducer, s32[first_diff], s16[first_diff], b) == [], (b, first_diff)
         elif not isinstance(s32[first_diff], MergedTokens):
             # The first differing selection swapped only near-ties (later ones see other tokens).
             scores32, kept32 = scores_by_patch(s32[first_diff])
@@ -89,7 +133,7 @@ def test_bf16_eval_logits_and_selections_match_fp32(name):
             for j in kept32[b] ^ kept16[b]:
                 assert abs(scores32[b][j] - cut) <= TIE_RTOL * cut, (b, first_diff, j, scores32[b][j], cut)
     # The fixed input has clear margins for most samples: at least half agree in every block.
-    assert len(agreeing) >= BATCH // 2, agreeing
+    assert name in SAMPLED or len(agreeing) >= BATCH // 2, agreeing
 
 
 def test_tome_sizes_and_mask_in_bf16_autocast(monkeypatch):

@@ -137,10 +137,10 @@ class ATS(TokenReducer):
         return s / s.sum(dim=1, keepdim=True)
 
     @torch.no_grad()
-    def _sample(self, scores: torch.Tensor, index: torch.Tensor, n0: int):
-        """Inverse transform sampling (Sec. 3.3) as the code does it, for ``n0`` starting image tokens:
-        the kept tokens [B, W] in ascending score order (padded with a repeat), which of them are
-        real, and whether any image is padded."""
+    def cdf_samples(self, scores: torch.Tensor, index: torch.Tensor, n0: int):
+        """The sampling of Sec. 3.3 as the code sets it up, for ``n0`` starting image tokens: the tokens
+        in ascending score order [B, n] (padding first), their normalised CDF [B, n] and the K sample
+        points [B, K]; each sample keeps the token whose CDF value is nearest."""
         n = scores.shape[1]
         sorted_scores, order = scores.sort(dim=1)                                # padding first (score 0)
         cdf = sorted_scores.cumsum(dim=1)
@@ -153,6 +153,14 @@ class ATS(TokenReducer):
         y0 = (cdf + (cdf == 0).to(cdf.dtype) * 1e8).min(dim=1, keepdim=True).values
         steps = torch.arange(K, device=cdf.device, dtype=cdf.dtype)
         ys = y0 + ((torch.linspace(0, 1, K, device=cdf.device, dtype=cdf.dtype) * (K - 1)) - y0 * steps) / (K - 1)
+        return order, cdf, ys
+
+    @torch.no_grad()
+    def _sample(self, scores: torch.Tensor, index: torch.Tensor, n0: int):
+        """Inverse transform sampling (Sec. 3.3) as the code does it: the kept tokens [B, W] in ascending
+        score order (padded with a repeat), which of them are real, and whether any image is padded."""
+        n, K = scores.shape[1], self.samples(n0)
+        order, cdf, ys = self.cdf_samples(scores, index, n0)
         picked = (ys.unsqueeze(2) - cdf.unsqueeze(1)).abs().min(dim=2).indices.sort(dim=1).values   # [B, K]
         repeat = F.pad(picked[:, 1:] == picked[:, :-1], (0, 1), value=False)   # keep the last of each run
         picked = picked.masked_fill(repeat, n).sort(dim=1).values

@@ -37,6 +37,7 @@ authors hard-code 196 image tokens (``init_n = 14*14``); here ``n0`` is the mode
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Dict, Optional, Sequence
 
 import torch
@@ -77,7 +78,19 @@ class Predictor(nn.Module):
             # (likely with few tokens: 16 of them, 3 stages, p = ½ at the start). Clamped, its global
             # feature is 0 instead; any image with a kept token is unchanged.
             glob = (glob * keep).sum(dim=1, keepdim=True) / keep.sum(dim=1, keepdim=True).clamp_min(1e-6)
-        return self.out_conv(torch.cat([local, glob.expand(-1, h.shape[1], -1)], dim=-1))
+        z = self.out_conv[:-2](torch.cat([local, glob.expand(-1, h.shape[1], -1)], dim=-1))
+        # The last layer in float32: the keep and drop logits are each O(1) while their difference, which
+        # ranks the tokens, can be far smaller; rounded to bfloat16 (steps of 2⁻⁷ near 1) whole runs of
+        # tokens would tie and top-k would keep them by position.
+        with _without_autocast(z.device):
+            return self.out_conv[-1](self.out_conv[-2](z.float()))
+
+
+def _without_autocast(device: torch.device):
+    """A context with autocast off on ``device``; the meta device has no autocast to turn off."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def masked_attention(attn: nn.Module, x: torch.Tensor, keep: torch.Tensor) -> AttnOut:
