@@ -9,13 +9,13 @@ reducer), and the parameter-free methods evaluated off the shelf on the trained 
 
 Each row is one ``python train.py <overrides> hydra.run.dir=<out-dir>/<row>``, run one after another. The
 baseline runs first: DynamicViT fine-tunes its ``last.ckpt`` (its authors' recipe starts from a trained
-model), and the off-the-shelf rows (``<row>_shelf``: the row's own overrides plus ``train=false
-ckpt_path=<the baseline's best checkpoint>``, no training) evaluate the weights whose accuracy the
-baseline row reports, so the difference is the reducer's alone. Accuracy is the run's own record, never
-its console: ``best/val_acc1`` (val top-1 of the best checkpoint) or, for an evaluation, ``eval/val_acc1``
-from ``<run>/csv/metrics.csv``; MACs are the run's ``model/gmacs`` (logged when training starts). Wall time
-is the subprocess's wall clock, start-up included, so the times need a quiet machine: wrap the command in
-``flock /tmp/accel-cpu.lock`` where other jobs share the CPUs.
+model), and the off-the-shelf rows (``<row>_shelf``: the row's own overrides plus ``train=false ckpt_path=<the
+baseline's best checkpoint>``, no training) evaluate the weights whose accuracy the baseline row reports, so
+the difference is the reducer's alone. Accuracy is the run's own record, never its console: ``best/val_acc1``
+(val top-1 of the best checkpoint) or, for an evaluation, ``eval/val_acc1`` from ``<run>/csv/metrics.csv``;
+MACs are the run's last ``model/gmacs`` (logged again when testing starts: the cost of the checkpoint scored).
+Wall time is the subprocess's wall clock, start-up included, so the times need a quiet machine: wrap the
+command in ``flock /tmp/accel-cpu.lock`` where other jobs share the CPUs.
 
 Writes ``<out-dir>/digits_table.csv`` (one line per run; rows of an earlier invocation into the same
 directory are kept, so ``--only`` can rerun a failed row after its directory is deleted), the markdown
