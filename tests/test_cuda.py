@@ -49,6 +49,9 @@ def test_logits_on_cuda_equal_cpu(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_training_step_has_no_host_sync_on_cuda(name):
+    from test_host_sync import METHOD_SYNCS
+    if name in METHOD_SYNCS:  # ATS padded to the batch's widest image ("ats_static" is checked)
+        pytest.skip(f"{name} reads back its own {METHOD_SYNCS[name][2]} values per forward (test_host_sync.py)")
     net = build(name).cuda().train()
     x, y = images(4).cuda(), (torch.arange(4) % 10).cuda()
     loss_of(net(x), y).backward()  # warm-up: lazy initialisation may synchronise once

@@ -25,7 +25,9 @@ aten = torch.ops.aten
 SYNC_OPS = {aten._local_scalar_dense.default, aten.equal.default, aten.nonzero.default, aten.masked_select.default,
             aten._unique2.default, aten.unique_consecutive.default, aten.unique_dim.default,
             aten.repeat_interleave.Tensor, aten.bincount.default}
-COPIES = ("cpu", "numpy", "tolist")  # .item() is seen as aten._local_scalar_dense
+# .item() is seen as aten._local_scalar_dense. new_tensor copies host data to the tensor's device, on a
+# GPU a synchronous copy (set_sync_debug_mode reports it), and dispatches no op a mode could see.
+COPIES = ("cpu", "numpy", "tolist", "new_tensor")
 
 
 def _where() -> str:
@@ -80,7 +82,8 @@ def test_the_recorder_sees_each_kind_of_sync():
         x.tolist()
         x[x > 0]
         x.nonzero()
-    assert len(events) == 6, events
+        x.new_tensor(1.0)
+    assert len(events) == 7, events
 
 
 def train_step(net, x, y) -> None:

@@ -334,7 +334,7 @@ class DiffRate(TracesSources, TokenReducer):
         size = size.gather(1, order[..., None])
         mask = mask.gather(1, order)
         if i == 0:   # never compresses (their block 0 has the single candidate "all")
-            full = x.new_tensor(float(self.num_patches + 1), dtype=torch.float32)
+            full = x.new_full((), float(self.num_patches + 1), dtype=torch.float32)   # a fill, not a host copy
             state["kept"] = state["kept"] + ((full, full),)
             state["mask"], state["size"] = mask, size
             return mlp_residual(blk, x), state
