@@ -175,3 +175,13 @@ def test_tome_sizes_count_exactly_in_a_bf16_model():
     last = net.selections[-1].size
     assert last.shape == (2, 3, 1) and last.max() > 256
     assert (last.double().sum(dim=1) == 1025).all()
+
+
+def test_diffrate_kept_numbers_are_float32_under_autocast():
+    """A kept number rounded through bfloat16 (steps of 0.25 near 40) would ceil to another integer."""
+    from accel.reducers.diffrate import kept_number
+    candidates = torch.arange(64, 0, -4, dtype=torch.float32)
+    logits = torch.randn(16, generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", torch.bfloat16):
+        autocast = kept_number(logits, candidates)
+    assert autocast.dtype == torch.float32 and torch.equal(autocast, kept_number(logits, candidates))
