@@ -12,9 +12,9 @@
 # 3. scripts/benchmark.py --device cuda --dtype bf16 on DeiT-S, EViT kr 0.5…0.9, Evo-ViT, ToMe r 13 and
 #    the explicit-attention variants: eager (inference at batch 256 and a training step at batch 128) in
 #    OUT_DIR/eager/, then torch.compile'd inference of DeiT-S, EViT kr 0.7, Evo-ViT and ToMe r 13 in
-#    OUT_DIR/compile/, and eager inference of the baselines (Top-K, ATS, DynamicViT, DiffRate 2.9,
-#    K-Medoids, DPC-KNN, PatchMerger) against DeiT-S in OUT_DIR/baselines/ (benchmark.csv, benchmark.png
-#    in each).
+#    OUT_DIR/compile/, and eager inference of the baselines (Top-K, ATS padded to the batch's widest and
+#    with static_width, DynamicViT, DiffRate 2.9, K-Medoids, DPC-KNN, PatchMerger) against DeiT-S in
+#    OUT_DIR/baselines/ (benchmark.csv, benchmark.png in each).
 #
 # Bounded to well inside 9 minutes: every step runs under `timeout` (pytest 200 s, eager benchmark
 # 100 s, compiled benchmark 130 s, baselines 60 s: 490 s at most, plus the installs), with few timed rounds (RUNS=5,
@@ -116,7 +116,8 @@ COMPILED=(deit_s "evit_deit_s keep_rate=0.7" evo_deit_s "tome_deit_s reducer.r=1
 step bench_compile "${COMPILE_TIMEOUT:-130}" "$PYTHON" scripts/benchmark.py "${COMPILED[@]}" "${COMMON[@]}" \
     --compile --no-train --out-dir "$OUT/compile"
 # The baselines at their papers' settings, eager inference only (their training is in the cuda tests).
-BASELINES=(deit_s "topk_deit_s keep_rate=0.7" ats_deit_s "dynamicvit_deit_s keep_rate=0.7"
+BASELINES=(deit_s "topk_deit_s keep_rate=0.7" ats_deit_s "ats_deit_s reducer.static_width=true"
+           "dynamicvit_deit_s keep_rate=0.7"
            "diffrate_deit_s reducer.schedule=2.9" "kmedoids_deit_s keep_rate=0.7" "dpcknn_deit_s keep_rate=0.7"
            "patchmerger_deit_s keep_rate=0.7")
 step bench_baselines "${BASELINES_TIMEOUT:-60}" "$PYTHON" scripts/benchmark.py "${BASELINES[@]}" "${COMMON[@]}" \

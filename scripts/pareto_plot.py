@@ -31,7 +31,7 @@ ARCHITECTURE_KEYS = ("patch_size", "embed_dim", "depth", "num_heads")
 #: The benchmark's inference transforms, as the label shows them.
 FLAG_NAMES = {"packed": "packed", "fused": "fused", "reparam": "re-param", "sdpa": "SDPA"}
 #: Overrides with a short name in labels; others that are not the model, reducer or knob are shown as written.
-OVERRIDE_NAMES = {"reducer.explicit_attention=true": "reference attention"}
+OVERRIDE_NAMES = {"reducer.explicit_attention=true": "reference attention", "reducer.static_width=true": "static width"}
 KNOB_NAMES = {"keep_rate": "kr", "r": "r"}
 #: Up to this many curves, each point is labelled with its knob value.
 MAX_LABELLED_CURVES = 4
