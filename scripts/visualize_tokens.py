@@ -62,7 +62,7 @@ def main(argv=None) -> str:
     net = instantiate(cfg.module).net
     if not isinstance(net, TokenReducingNet):
         raise UserInputError(f"The model ({type(net).__name__}) reduces no tokens (reducer=none?); nothing to draw; "
-                             "expected reducer=evit|evo|tome|topk or an Evo-LeViT model.")
+                             "expected a reducer (any reducer=… but none, e.g. reducer=evit) or an Evo-LeViT model.")
     if args.ckpt:
         net.load_state_dict(read_state_dict(args.ckpt))
     files = sorted(os.path.join(d, f) for d, _, fs in os.walk(args.images) for f in fs if f.lower().endswith(EXTENSIONS))
