@@ -9,8 +9,8 @@ those the first ``merge[i]`` stay while the others are merged into their most si
 Counts include [CLS], as the authors' ``compression_rate.json`` writes them.
 
 **Eval (and training with a fixed schedule)**: the per-block kept numbers ``prune``/``merge``, or
-``schedule``, one of the authors' searched DeiT schedules by GFLOPs (the default config: DeiT-S 2.9). Tokens are really removed: a block runs on
-``min(n, prune[i], merge[i])`` tokens after its compression.
+``schedule``, one of the authors' searched DeiT schedules by GFLOPs (the default config: DeiT-S 2.9).
+Tokens are really removed: a block runs on ``min(n, prune[i], merge[i])`` tokens after its compression.
 
 **Search** (``search=True``; Sec. 3.3): per block 1.. and per kind, learnable logits θ over the
 candidate kept numbers ``c = P, P-g, …`` (g = ``granularity``), π = softmax(θ); the kept number is
