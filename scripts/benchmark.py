@@ -11,7 +11,8 @@ comma lists expand; the words ``fused`` (LeViT BatchNorm folding), ``reparam`` (
 merged convolution), ``sdpa`` (timm attention modules' fused-attention switch, off in timm's Swin)
 and ``packed``
 (accel.cpu_inference's packed oneDNN linears) transform the model for the inference columns only). All models are built in one process; timings warm up first, then each model
-is timed in turn, rotating the order every round, and the median is reported. Columns:
+is timed in turn, rotating the order every round, and the median is reported, with the lowest and
+highest of the per-round ratios to the baseline (``*_x_lo``/``*_x_hi``: the spread). Columns:
 inference img/s, one training step (forward + backward + AdamW) img/s, forward GMACs
 (torch.utils.flop_counter, attention included on CPU too), parameters, peak memory of a training
 step (CUDA: max allocated; CPU: bytes of tensors saved for backward) and, with ``--data``, val top-1.
@@ -32,7 +33,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -258,13 +259,24 @@ def run(args) -> List[Entry]:
     base = baseline(entries, args)
     for e in entries:
         e.results["infer_x"] = e.results["infer_img_s"] / base.results["infer_img_s"]
+        e.results["infer_x_lo"], e.results["infer_x_hi"] = round_spread(base.infer_s, e.infer_s)
         if args.train:
             e.results["train_x"] = e.results["train_img_s"] / base.results["train_img_s"]
+            e.results["train_x_lo"], e.results["train_x_hi"] = round_spread(base.train_s, e.train_s)
             e.results["mem_x"] = e.results["train_mem_MB"] / base.results["train_mem_MB"]
     return entries
 
 
-COLUMNS = ["infer_img_s", "infer_x", "train_img_s", "train_x", "gmacs", "params_M", "train_mem_MB", "mem_x", "top1"]
+def round_spread(base_s: List[float], model_s: List[float]) -> Tuple[float, float]:
+    """The lowest and highest speed ratio to the baseline over the rounds, each round's ratio taken
+    between the two timings of that round (a slowdown of the whole machine during one round cancels)."""
+    ratios = [b / m for b, m in zip(base_s, model_s)]
+    return min(ratios), max(ratios)
+
+
+# *_lo / *_hi: the spread of the per-round ratios behind the median ratio (round_spread).
+COLUMNS = ["infer_img_s", "infer_x", "infer_x_lo", "infer_x_hi", "train_img_s", "train_x", "train_x_lo", "train_x_hi",
+           "gmacs", "params_M", "train_mem_MB", "mem_x", "top1"]
 
 
 def baseline(entries: List[Entry], args) -> Entry:

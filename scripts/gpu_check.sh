@@ -3,9 +3,10 @@
 #
 #   bash scripts/gpu_check.sh OUT_DIR
 #
-# 1. Installs what the GPU machine's Python lacks (hydra-core, omegaconf, antlr4-python3-runtime, timm,
-#    pytorch-lightning, ...) from wheels that travel with the checkout ($WHEELS, default ./wheels), with
-#    pip --no-index: nothing is downloaded.
+# 1. Installs the wheels that travel with the checkout ($WHEELS, default ./wheels, made by
+#    scripts/gpu_wheels.sh where the registry is reachable: hydra-core, omegaconf, the antlr4 runtime and
+#    the pinned timm) into a folder of their own (pip --no-index: nothing is downloaded), and names any
+#    package still missing.
 # 2. pytest -m cuda (tests/test_cuda.py): reducer logits CUDA vs CPU, no host sync in a training step,
 #    a bf16-mixed training step of every model config, a 2-step train.py trainer=gpu run, SDPA's fused
 #    kernels, the FFCV loader's GPU branch. Log and JUnit XML in OUT_DIR/pytest.*.
@@ -74,7 +75,15 @@ step() {  # step NAME SECONDS COMMAND...: run under a time limit, log to OUT/NAM
 } > "$OUT/machine.txt" 2>&1
 cat "$OUT/machine.txt" | tee -a "$SUMMARY"
 
-# --- missing packages, from wheels that travel with the checkout -----------------------------------
+# --- packages: the wheels that travel with the checkout, then what is still missing ----------------
+# Installed into a folder of their own, put first on the path: the image's packages stay as they are,
+# and the pinned timm is the one imported even where the image has another.
+if ls "$WHEELS"/*.whl > /dev/null 2>&1; then
+    SITE="${SITE:-${TMPDIR:-/tmp}/accel-gpu-site}"
+    step install 120 "$PYTHON" -m pip install --no-index --no-deps --no-compile --upgrade --target "$SITE" \
+        "$WHEELS"/*.whl
+    export PYTHONPATH="$ROOT:$SITE${PYTHONPATH#"$ROOT"}"
+fi
 missing=$("$PYTHON" - <<'EOF'
 import importlib.util
 mods = {"hydra": "hydra-core", "omegaconf": "omegaconf", "antlr4": "antlr4-python3-runtime", "timm": "timm",
@@ -84,13 +93,12 @@ print(" ".join(p for m, p in mods.items() if importlib.util.find_spec(m) is None
 EOF
 )
 if [ -n "$missing" ]; then
-    if [ -d "$WHEELS" ]; then
-        step install 120 "$PYTHON" -m pip install --no-index --find-links "$WHEELS" $missing
-    else
-        echo "missing packages ($missing) and no wheel folder $WHEELS; the steps below will fail" | tee -a "$SUMMARY"
-        FAILED=1
-    fi
+    echo "missing packages: $missing. Make their wheels where the registry is reachable" \
+         "(bash scripts/gpu_wheels.sh) and bring ./wheels with the checkout; the steps below will fail" | tee -a "$SUMMARY"
+    FAILED=1
 fi
+"$PYTHON" -c "import importlib.metadata as m; print(*(f'{p} {m.version(p)}' for p in ('torch', 'timm', 'hydra-core', 'omegaconf', 'pytorch-lightning', 'torchmetrics')), sep=', ')" \
+    2>&1 | tee -a "$OUT/machine.txt" "$SUMMARY"
 
 # --- the cuda tests ------------------------------------------------------------------------------
 if [ "${SKIP_PYTEST:-0}" != 1 ]; then

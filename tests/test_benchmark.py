@@ -38,6 +38,8 @@ def test_benchmark_writes_ratios_and_deployed_accuracy(tmp_path):
     for r in rows:
         for ratio, value in (("infer_x", "infer_img_s"), ("train_x", "train_img_s"), ("mem_x", "train_mem_MB")):
             assert float(r[ratio]) == pytest.approx(float(r[value]) / float(rows[0][value]), abs=2e-4)
+        for ratio in ("infer_x", "train_x"):  # one round: its ratio is the median, lowest and highest
+            assert float(r[f"{ratio}_lo"]) == pytest.approx(float(r[ratio]), abs=2e-4) == float(r[f"{ratio}_hi"])
     # top-1 of the weights given, on the 2 × 16 validation images of data=synthetic (seed 1).
     val = [RandomImages(32, 64, 5, seed=1)[i] for i in range(32)]
     with torch.no_grad():
@@ -47,6 +49,13 @@ def test_benchmark_writes_ratios_and_deployed_accuracy(tmp_path):
     # Accuracy is taken from the deployed model before the timed training steps touch the weights.
     assert rows[0]["top1"] == rows[1]["top1"], "folding BatchNorm must not change predictions"
     assert (tmp_path / "benchmark.png").stat().st_size > 0
+
+
+def test_the_spread_is_of_ratios_taken_within_each_round():
+    """A round where the whole machine ran slower (the second) moves neither bound: the ratio of that
+    round is its own two timings' ratio."""
+    lo, hi = load_benchmark().round_spread([1.0, 3.0, 1.2], [0.5, 1.5, 0.8])
+    assert (lo, hi) == (pytest.approx(1.5), pytest.approx(2.0))
 
 
 def load_benchmark():
@@ -74,7 +83,7 @@ def test_reducers_cost_what_the_readme_table_says_and_the_plot_names_each_model(
     with open(tmp_path / "benchmark.csv") as f:
         header, *lines = list(csv.reader(f))
     assert header == ["model", "label", "curve", "method", "backbone", "knob", "knob_value", "infer_img_s", "infer_x",
-                      "gmacs", "params_M", "setting"]
+                      "infer_x_lo", "infer_x_hi", "gmacs", "params_M", "setting"]
     rows = {line[1]: dict(zip(header, line)) for line in lines}
     names = ["DeiT-S", "EViT-DeiT-S kr 0.5", "EViT-DeiT-S kr 0.7", EVO, "ToMe-DeiT-S r 13",
              "DiffRate-DeiT-S schedule 2.3", "Swin-T"]
