@@ -12,7 +12,8 @@ merged convolution), ``sdpa`` (timm attention modules' fused-attention switch, o
 and ``packed``
 (accel.cpu_inference's packed oneDNN linears) transform the model for the inference columns only). All models are built in one process; timings warm up first, then each model
 is timed in turn, rotating the order every round, and the median is reported, with the lowest and
-highest of the per-round ratios to the baseline (``*_x_lo``/``*_x_hi``: the spread). Columns:
+highest of the per-round ratios to the baseline (``*_x_lo``/``*_x_hi``: the spread). On a CPU, freed
+memory stays in the process (accel.cpu_allocator; ``--system-malloc`` leaves glibc as it is). Columns:
 inference img/s, one training step (forward + backward + AdamW) img/s, forward GMACs
 (torch.utils.flop_counter, attention included on CPU too), parameters, peak memory of a training
 step (CUDA: max allocated; CPU: bytes of tensors saved for backward) and, with ``--data``, val top-1.
@@ -48,6 +49,7 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from accel.backbones.levit import fuse_levit  # noqa: E402
 from accel.backbones.slide_swin import reparameterize_slide  # noqa: E402
+from accel.cpu_allocator import keep_freed_memory  # noqa: E402
 from accel.cpu_inference import pack_for_cpu_inference  # noqa: E402
 from accel.flops import count_flops  # noqa: E402
 from accel.heads import Heads  # noqa: E402
@@ -228,6 +230,9 @@ def accuracy(entry: Entry, data_overrides: List[str], args) -> float:
 
 
 def run(args) -> List[Entry]:
+    # On a CPU, glibc's malloc would page-fault the larger models' activations in afresh every step
+    # (accel.cpu_allocator); keeping freed memory, as the CUDA caching allocator does, times the models.
+    args.malloc = "kept" if args.device == "cpu" and not args.system_malloc and keep_freed_memory() else "system"
     torch.manual_seed(0)
     entries = [build(o, args) for spec in args.models for o in expand(spec)]
     for e in entries:
@@ -298,7 +303,8 @@ def report(entries: List[Entry], args):
     cols = [c for c in COLUMNS if c in entries[0].results]
     width = max(len(e.label) for e in entries)
     setting = (f"device={args.device} batch={args.batch} train_batch={args.train_batch} img={args.img_size} "
-               f"dtype={args.dtype} channels_last={args.channels_last} compile={args.compile} runs={args.runs}")
+               f"dtype={args.dtype} channels_last={args.channels_last} compile={args.compile} runs={args.runs}"
+               + (f" malloc={args.malloc}" if args.device == "cpu" else ""))
     base = baseline(entries, args)
     print(f"\n{setting}\nbaseline: {base.label} ({base.spec})")
     print(f"{'model':<{width}}  " + "  ".join(f"{c:>12}" for c in cols))
@@ -351,6 +357,8 @@ def parse(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the inference forward")
     p.add_argument("--fuse", action="store_true", help="fold LeViT BatchNorms into their Linear/Conv for inference")
     p.add_argument("--no-train", dest="train", action="store_false", help="skip the training-step columns")
+    p.add_argument("--system-malloc", action="store_true",
+                   help="CPU: leave glibc's malloc as it is (default: keep freed memory, accel.cpu_allocator)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--model-args", default="", help="overrides added to every model (e.g. pretrained_path)")

@@ -85,6 +85,7 @@ def test_reducers_cost_what_the_readme_table_says_and_the_plot_names_each_model(
     assert header == ["model", "label", "curve", "method", "backbone", "knob", "knob_value", "infer_img_s", "infer_x",
                       "infer_x_lo", "infer_x_hi", "gmacs", "params_M", "setting"]
     rows = {line[1]: dict(zip(header, line)) for line in lines}
+    assert all(r["setting"].endswith(" malloc=kept") for r in rows.values())  # CPU timings with freed memory kept
     names = ["DeiT-S", "EViT-DeiT-S kr 0.5", "EViT-DeiT-S kr 0.7", EVO, "ToMe-DeiT-S r 13",
              "DiffRate-DeiT-S schedule 2.3", "Swin-T"]
     assert list(rows) == names
